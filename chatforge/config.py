@@ -1,0 +1,215 @@
+"""Every stage's settings, and the project file `chatforge.yaml` that holds them.
+
+Use it like this::
+
+    cfg = ProjectConfig.load(Path("chatforge.yaml"))      # or ProjectConfig() for the defaults
+    prepare(inputs, out, cfg.prepare)
+
+Each CLI flag maps onto one field here; a flag given on the command line wins over the YAML. The YAML mirrors these
+models exactly (unknown keys are an error, so typos are caught), and `chatforge init` writes a commented starter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are an error, so a typo in chatforge.yaml never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class FormatOptions(StrictModel):
+    """How to read inputs whose shape is not self-describing."""
+
+    question_columns: list[str] = Field(
+        default=["question", "prompt", "input", "q", "user"], description="CSV/TSV column for the user turn"
+    )
+    answer_columns: list[str] = Field(
+        default=["answer", "response", "output", "a", "assistant"], description="CSV/TSV column for the reply"
+    )
+    category_column: str = Field(default="category", description="CSV/TSV column copied into meta.category")
+    user_labels: list[str] = Field(default=["User", "Customer", "Human", "Q"], description="transcript speakers")
+    assistant_labels: list[str] = Field(default=["Agent", "Assistant", "Bot", "Support", "A"])
+    system_labels: list[str] = Field(default=["System"])
+
+
+class CleanConfig(StrictModel):
+    enabled: bool = True
+    unicode_nfkc: bool = True
+    strip_html: bool = True
+    collapse_punctuation: bool = Field(default=True, description="'!!!!!' -> '!!!', '.....' -> '...'")
+    spelling: bool = Field(default=False, description="spelling correction (needs the 'spell' extra)")
+    capitalize: bool = Field(default=False, description="capitalise the first letter of each message")
+
+
+PII_TYPES = ["EMAIL", "PHONE", "CREDIT_CARD", "IBAN", "IP_ADDRESS", "URL_CREDENTIALS", "API_KEY", "SSN", "PERSON"]
+
+
+class PiiConfig(StrictModel):
+    enabled: bool = True
+    types: list[str] = Field(
+        default=[t for t in PII_TYPES if t != "PERSON"], description=f"which of {PII_TYPES} to redact"
+    )
+    person_names: bool = Field(default=False, description="detect person names with Presidio (when installed)")
+
+    @field_validator("types")
+    @classmethod
+    def _known_types(cls, types: list[str]) -> list[str]:
+        unknown = sorted(set(types) - set(PII_TYPES))
+        if unknown:
+            raise ValueError(f"unknown PII types {unknown}; known: {PII_TYPES}")
+        return types
+
+
+class DedupConfig(StrictModel):
+    enabled: bool = True
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(default=0.85, ge=0.0, le=1.0, description="Jaccard similarity that counts as duplicate")
+    ngram: int = Field(default=5, ge=1, description="word n-gram size for near-duplicate shingles")
+    num_perm: int = Field(default=128, ge=16, description="MinHash permutations")
+
+
+class FitConfig(StrictModel):
+    enabled: bool = True
+    model: str | None = Field(default=None, description="tokenizer source: HF dir, hub id or .gguf; None = default")
+    chat_template: str | None = Field(default=None, description="named template (chatml, gemma, llama3) if needed")
+    max_tokens: int = Field(default=1024, ge=16)
+    overflow: Literal["split", "truncate", "drop"] = "split"
+
+
+class BalanceConfig(StrictModel):
+    enabled: bool = False
+    by: str = Field(default="category", description="meta field that holds the category")
+    keyword_rules: dict[str, list[str]] = Field(
+        default={}, description="category -> keywords; a record with no category gets the first rule that matches"
+    )
+    target: Literal["uniform"] | dict[str, float] = Field(default="uniform", description="wanted distribution")
+    mode: Literal["cap", "upsample"] = "cap"
+    seed: int = 0
+
+
+class AugmentConfig(StrictModel):
+    enabled: bool = False
+    copies: int = Field(default=1, ge=1, description="augmented copies per training record")
+    typo_rate: float = Field(default=0.03, ge=0.0, le=1.0, description="chance a word gets a character typo")
+    swap_rate: float = Field(default=0.03, ge=0.0, le=1.0, description="chance of swapping a word with the next")
+    synonym_rate: float = Field(default=0.05, ge=0.0, le=1.0, description="chance a word is replaced by a synonym")
+    roles: list[str] = Field(default=["user"], description="which roles' messages are augmented")
+    seed: int = 0
+
+
+class SplitConfig(StrictModel):
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    stratify_by: str = "category"
+
+    @field_validator("ratios", mode="before")
+    @classmethod
+    def _parse_ratios(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_split(value)
+        return value
+
+    @field_validator("ratios")
+    @classmethod
+    def _sum_to_one(cls, ratios: tuple[float, float, float]) -> tuple[float, float, float]:
+        total = sum(ratios)
+        if total <= 0 or any(r < 0 for r in ratios):
+            raise ValueError("split ratios must be non-negative with a positive sum")
+        return (ratios[0] / total, ratios[1] / total, ratios[2] / total)
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    """Turn '70/15/15' (or '0.7,0.15,0.15') into three fractions that sum to one."""
+    parts = [p for p in text.replace(",", "/").split("/") if p.strip()]
+    if len(parts) != 3:
+        raise ValueError(f"split {text!r}: expected three numbers like 80/10/10")
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"split {text!r}: expected three numbers like 80/10/10") from None
+    total = sum(numbers)
+    if total <= 0 or any(n < 0 for n in numbers):
+        raise ValueError(f"split {text!r}: numbers must be non-negative with a positive sum")
+    return (numbers[0] / total, numbers[1] / total, numbers[2] / total)
+
+
+class PrepareConfig(StrictModel):
+    """Settings of `chatforge prepare`; each step can be switched off."""
+
+    format: str | None = Field(default=None, description="force one input format instead of auto-detection")
+    formats: FormatOptions = FormatOptions()
+    strict: bool = Field(default=False, description="stop at the first invalid record (exit 2)")
+    require_assistant_last: bool = True
+    clean: CleanConfig = CleanConfig()
+    pii: PiiConfig = PiiConfig()
+    dedup: DedupConfig = DedupConfig()
+    fit: FitConfig = FitConfig()
+    balance: BalanceConfig = BalanceConfig()
+    augment: AugmentConfig = AugmentConfig()
+    split: SplitConfig = SplitConfig()
+    workers: int = Field(default=0, ge=0, description="processes for cleaning/redaction; 0 = one per CPU core")
+
+
+class ProjectConfig(StrictModel):
+    """The project file: one section per stage. Sections not yet used by a stage are kept as free-form dicts."""
+
+    prepare: PrepareConfig = PrepareConfig()
+    train: dict[str, Any] = {}
+    eval: dict[str, Any] = {}
+    serve: dict[str, Any] = {}
+
+    @classmethod
+    def load(cls, path: Path | None) -> ProjectConfig:
+        """Read chatforge.yaml; None or a missing default file gives the defaults. Errors name the file and field."""
+        if path is None:
+            return cls()
+        if not path.exists():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (prepare:, train:, ...)")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: {format_validation_error(exc)}") from None
+
+
+class ConfigError(ValueError):
+    """A config file or flag is wrong; the message names the file and the field."""
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: 'prepare.split.ratios: split '1/2': expected three numbers'."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"])
+        lines.append(f"{where}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def merge_overrides(cfg: BaseModel, overrides: dict[str, Any]) -> Any:
+    """Return a copy of cfg with dotted-path overrides applied (`{"fit.max_tokens": 512}`); None values are ignored."""
+    data = cfg.model_dump()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    try:
+        return type(cfg).model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None

@@ -1,0 +1,1 @@
+"""Data preparation: read, validate, clean, redact, dedup, fit, balance, augment, split."""

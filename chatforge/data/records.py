@@ -1,0 +1,64 @@
+"""The record every stage passes on: an OpenAI chat JSONL line with a stable id and its source.
+
+Use it like this::
+
+    record = make_record([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                         source="tickets.csv", line=17, meta={"category": "billing"})
+    record["id"], record["meta"]["source"]        # 'c1f0…', 'tickets.csv:17'
+
+Records are plain dicts so they serialise as they are: {"id", "messages", "meta", optional "weight"}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+Message = dict[str, str]
+Record = dict[str, Any]
+ROLES = ("system", "user", "assistant")
+
+
+def make_record(
+    messages: list[Message],
+    source: str,
+    line: int,
+    meta: dict[str, Any] | None = None,
+    weight: float | None = None,
+) -> Record:
+    """Build a record whose id depends only on where it came from and what it said (stable across reruns)."""
+    record_meta = dict(meta or {})
+    record_meta["source"] = f"{source}:{line}"
+    digest = hashlib.sha1(f"{source}:{line}".encode())
+    for message in messages:
+        digest.update(b"\x00" + str(message.get("role")).encode() + b"\x01" + str(message.get("content")).encode())
+    record: Record = {"id": digest.hexdigest()[:16], "messages": messages, "meta": record_meta}
+    if weight is not None:
+        record["weight"] = weight
+    return record
+
+
+def conversation_text(record: Record) -> str:
+    """All message contents joined by newlines: what dedup and augmentation look at."""
+    return "\n".join(str(m.get("content", "")) for m in record["messages"])
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
+    """Write records one JSON object per line (UTF-8, no ASCII escaping); returns how many were written."""
+    count = 0
+    with path.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Read a JSONL file written by `write_jsonl` (blank lines skipped)."""
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
