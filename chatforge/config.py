@@ -158,11 +158,61 @@ class PrepareConfig(StrictModel):
     workers: int = Field(default=0, ge=0, description="processes for cleaning/redaction; 0 = one per CPU core")
 
 
+class LoraSettings(StrictModel):
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.05, ge=0.0, le=1.0)
+    target_modules: list[str] | None = Field(default=None, description="None = attention projections of the model")
+
+
+class EarlyStopping(StrictModel):
+    patience: int | None = Field(default=3, ge=1, description="evaluations without improvement; None = off")
+    min_delta: float = Field(default=0.0, ge=0.0, description="smallest val-loss drop that counts as improvement")
+
+
+class TrainConfig(StrictModel):
+    """Settings of `chatforge train`; the resolved copy is saved in the run directory."""
+
+    data: str | None = Field(default=None, description="prepared dataset dir (train.jsonl, val.jsonl)")
+    model: str | None = Field(default=None, description="base model: HF dir, hub id or .gguf; None = default")
+    chat_template: str | None = Field(default=None, description="named template (chatml, gemma, llama3) if needed")
+    out: str | None = Field(default=None, description="run directory")
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraSettings = LoraSettings()
+    merge: bool = Field(default=False, description="export the adapter merged into the base weights")
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    max_length: int = Field(default=1024, ge=8, description="tokens per sequence (longer examples are cut)")
+    packing: bool = Field(default=True, description="several conversations per sequence, no attention across them")
+    optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = "adamw"
+    lr: float = Field(default=2e-4, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=4, ge=1, description="sequences per step per process")
+    grad_accum: int = Field(default=1, ge=1)
+    epochs: float = Field(default=1.0, gt=0.0)
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
+    max_train_examples: int | None = Field(default=None, ge=1, description="use only the first N train examples")
+    max_val_examples: int | None = Field(default=None, ge=1)
+    grad_clip: float | None = Field(default=1.0, gt=0.0)
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto = bf16 on GPUs that have it")
+    eval_every: int = Field(default=50, ge=1, description="steps between validations")
+    early_stopping: EarlyStopping = EarlyStopping()
+    save_every: int = Field(default=100, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(default=2, ge=1, description="last K kept, plus the best")
+    log_every: int = Field(default=10, ge=1)
+    histogram_every: int = Field(default=100, ge=1, description="steps between weight/grad histograms")
+    loss_chunk: int = Field(default=512, ge=16, description="positions per LM-head chunk")
+    gradient_checkpointing: bool = False
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None = all cores")
+
+
 class ProjectConfig(StrictModel):
     """The project file: one section per stage. Sections not yet used by a stage are kept as free-form dicts."""
 
     prepare: PrepareConfig = PrepareConfig()
-    train: dict[str, Any] = {}
+    train: TrainConfig = TrainConfig()
     eval: dict[str, Any] = {}
     serve: dict[str, Any] = {}
 
@@ -213,3 +263,34 @@ def merge_overrides(cfg: BaseModel, overrides: dict[str, Any]) -> Any:
         return type(cfg).model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+
+
+def starter_yaml() -> str:
+    """A commented chatforge.yaml with every prepare option at its default (what `chatforge init` writes)."""
+    lines = [
+        "# chatforge project file. Every key is optional; shown values are the defaults.",
+        "# Flags on the command line override these. Docs: README.md.",
+        "",
+    ]
+
+    def emit(model: BaseModel, indent: int) -> None:
+        pad = "  " * indent
+        for name, info in type(model).model_fields.items():
+            value = getattr(model, name)
+            comment = f"  # {info.description}" if info.description else ""
+            if isinstance(value, BaseModel):
+                lines.append(f"{pad}{name}:{comment}")
+                emit(value, indent + 1)
+            else:
+                if isinstance(value, tuple):
+                    value = list(value)
+                dumped = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+                dumped = dumped.removesuffix("\n...").removesuffix("...").strip()
+                lines.append(f"{pad}{name}: {dumped}{comment}")
+
+    lines.append("prepare:")
+    emit(PrepareConfig(), 1)
+    lines += ["", "train:"]
+    emit(TrainConfig(), 1)
+    lines += ["", "# eval: and serve: sections are added as those stages land.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,201 @@
+"""The `chatforge` command: a thin layer that parses flags, calls a stage and prints its summary.
+
+Use it like this::
+
+    chatforge init                                  # writes a commented chatforge.yaml
+    chatforge prepare data/ tickets.csv --out ds    # see `chatforge prepare --help`
+    chatforge demo                                  # the bundled sample, end to end
+
+Errors in the user's input print one line (`error: file:line: reason`) and exit with code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from chatforge.config import ConfigError, ProjectConfig, merge_overrides, parse_split, starter_yaml
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train your own ChatGPT on your own conversations.")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+USER_ERROR_EXIT = 2
+DEFAULT_PROJECT_FILE = Path("chatforge.yaml")
+
+
+def fail(message: str) -> None:
+    """Print one error line and exit 2 (bad input, never a traceback)."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(USER_ERROR_EXIT)
+
+
+def load_project(config: Path | None) -> ProjectConfig:
+    """The project file given, else ./chatforge.yaml when present, else defaults."""
+    if config is None and DEFAULT_PROJECT_FILE.exists():
+        config = DEFAULT_PROJECT_FILE
+    return ProjectConfig.load(config)
+
+
+def log_line(message: str) -> None:
+    console.print(f"[dim]·[/] {message}", highlight=False)
+
+
+@app.command()
+def init(
+    out: Annotated[Path, typer.Option("--out", "-o", help="where to write the project file")] = DEFAULT_PROJECT_FILE,
+    force: Annotated[bool, typer.Option(help="overwrite an existing file")] = False,
+) -> None:
+    """Write a starter chatforge.yaml with every option commented."""
+    if out.exists() and not force:
+        fail(f"{out} exists; pass --force to overwrite it")
+    out.write_text(starter_yaml(), encoding="utf-8")
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def prepare(
+    inputs: Annotated[list[Path], typer.Argument(help="files or folders of conversations")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output dataset directory")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="project file (default ./chatforge.yaml)")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="force a format: openai, sharegpt, alpaca, csv, tsv, chatterbot, transcript, parquet")] = None,
+    strict: Annotated[bool | None, typer.Option("--strict/--no-strict", help="stop at the first invalid record")] = None,
+    split: Annotated[str | None, typer.Option(help="train/val/test ratios, e.g. 80/10/10")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for split, balance and augmentation")] = None,
+    model: Annotated[str | None, typer.Option(help="tokenizer for token counts: HF dir, hub id or .gguf")] = None,
+    chat_template: Annotated[str | None, typer.Option(help="named chat template if the tokenizer has none")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="longest example in tokens")] = None,
+    overflow: Annotated[str | None, typer.Option(help="what to do past max-tokens: split, truncate or drop")] = None,
+    clean: Annotated[bool | None, typer.Option("--clean/--no-clean")] = None,
+    pii: Annotated[bool | None, typer.Option("--pii/--no-pii", help="redact PII and secrets")] = None,
+    dedup: Annotated[bool | None, typer.Option("--dedup/--no-dedup")] = None,
+    dedup_threshold: Annotated[float | None, typer.Option(help="near-duplicate Jaccard threshold")] = None,
+    fit: Annotated[bool | None, typer.Option("--fit/--no-fit", help="count tokens and fit to max-tokens")] = None,
+    balance: Annotated[bool | None, typer.Option("--balance/--no-balance")] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment")] = None,
+    workers: Annotated[int | None, typer.Option(help="processes for cleaning/redaction (0 = all cores)")] = None,
+) -> None:
+    """Clean, redact, deduplicate, fit, balance and split conversations into a dataset with a data card."""
+    from chatforge.data.card import summary_lines
+    from chatforge.data.formats import InputError
+    from chatforge.data.prepare import StrictModeError, prepare as run_prepare
+
+    try:
+        project = load_project(config)
+        overrides: dict[str, Any] = {
+            "format": fmt, "strict": strict, "split.seed": seed, "balance.seed": seed, "augment.seed": seed,
+            "fit.model": model, "fit.chat_template": chat_template, "fit.max_tokens": max_tokens,
+            "fit.overflow": overflow, "clean.enabled": clean, "pii.enabled": pii, "dedup.enabled": dedup,
+            "dedup.threshold": dedup_threshold, "fit.enabled": fit, "balance.enabled": balance,
+            "augment.enabled": augment, "workers": workers,
+            "split.ratios": parse_split(split) if split else None,
+        }
+        cfg = merge_overrides(project.prepare, overrides)
+        report = run_prepare(list(inputs), out, cfg, log=log_line)
+    except (ConfigError, InputError, StrictModeError, ValueError) as exc:  # ValueError: a bad --split or --model
+        fail(str(exc))
+    console.print(f"[bold green]dataset ready:[/] {report.out_dir}  (card: {report.out_dir / 'card.md'})")
+    for line in summary_lines(report.card):
+        console.print(f"  {line}", highlight=False)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="where the demo writes its outputs")] = Path("demo-out"),
+) -> None:
+    """The bundled sample end to end: the English chatterbot corpus -> a prepared dataset and its card."""
+    from chatforge.data.card import summary_lines
+    from chatforge.data.prepare import prepare as run_prepare
+    from chatforge.demo import demo_inputs
+
+    cfg = ProjectConfig().prepare
+    console.rule("chatforge demo: prepare the sample conversations")
+    report = run_prepare(demo_inputs(), out / "dataset", cfg, log=log_line)
+    console.print(f"[bold green]dataset ready:[/] {report.out_dir}")
+    console.print((report.out_dir / "card.md").read_text(encoding="utf-8"), highlight=False, markup=False)
+    for line in summary_lines(report.card):
+        console.print(f"  {line}", highlight=False)
+
+
+@app.command("train")
+def train_command(
+    config_file: Annotated[Path | None, typer.Argument(help="project file (chatforge.yaml)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="project file (same as the argument)")] = None,
+    data: Annotated[str | None, typer.Option(help="prepared dataset directory")] = None,
+    model: Annotated[str | None, typer.Option(help="base model: HF dir, hub id or .gguf (default Gemma 3 270M)")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="run directory")] = None,
+    method: Annotated[str | None, typer.Option(help="lora or full")] = None,
+    train_on: Annotated[str | None, typer.Option(help="assistant, last_assistant or all")] = None,
+    packing: Annotated[bool | None, typer.Option("--packing/--no-packing")] = None,
+    max_length: Annotated[int | None, typer.Option(help="tokens per sequence")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adamw, adam, rmsprop or sgd")] = None,
+    schedule: Annotated[str | None, typer.Option(help="constant, linear or cosine")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="sequences per step per process")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="micro-batches per optimizer step")] = None,
+    epochs: Annotated[float | None, typer.Option()] = None,
+    max_steps: Annotated[int | None, typer.Option()] = None,
+    eval_every: Annotated[int | None, typer.Option()] = None,
+    save_every: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank")] = None,
+    merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="export the adapter merged into the base")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint in --out")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the memory/time estimate only")] = False,
+) -> None:
+    """Fine-tune a base model on a prepared dataset (LoRA or full), with checkpoints, early stopping, TensorBoard."""
+    from chatforge.train.loop import TrainError, train
+
+    try:
+        project = load_project(config or config_file)
+        overrides: dict[str, Any] = {
+            "data": data, "model": model, "out": out, "method": method, "train_on": train_on, "packing": packing,
+            "max_length": max_length, "lr": lr, "optimizer": optimizer, "schedule": schedule,
+            "batch_size": batch_size, "grad_accum": grad_accum, "epochs": epochs, "max_steps": max_steps,
+            "eval_every": eval_every, "save_every": save_every, "seed": seed, "lora.r": lora_r, "merge": merge,
+        }
+        cfg = merge_overrides(project.train, overrides)
+        report = train(cfg, resume=resume, dry_run=dry_run, log=log_line)
+    except (ConfigError, TrainError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    if dry_run:
+        return
+    best = f"{report.best_val_loss:.4f}" if report.best_val_loss is not None else "n/a"
+    console.print(f"[bold green]run ready:[/] {report.run_dir / 'model'}  ({report.steps} steps, best val loss {best}"
+                  f"{', stopped early' if report.stopped_early else ''})")
+
+
+@app.command()
+def inspect(
+    dataset: Annotated[Path, typer.Argument(help="prepared dataset dir or a JSONL file")],
+    model: Annotated[str | None, typer.Option(help="tokenizer: HF dir, hub id or .gguf")] = None,
+    chat_template: Annotated[str | None, typer.Option(help="named template if the tokenizer has none")] = None,
+    train_on: Annotated[str, typer.Option(help="assistant, last_assistant or all")] = "assistant",
+    index: Annotated[int, typer.Option(help="which record")] = 0,
+    split: Annotated[str, typer.Option(help="which split file of a dataset dir")] = "train",
+) -> None:
+    """Show one conversation as the model sees it, trained tokens highlighted: check your loss mask."""
+    from rich.text import Text
+
+    from chatforge.data.records import read_jsonl
+    from chatforge.models.source import load_tokenizer
+    from chatforge.train.batches import IGNORE, tokenize_conversation
+
+    path = dataset / f"{split}.jsonl" if dataset.is_dir() else dataset
+    try:
+        records = list(read_jsonl(path))
+        tokenizer = load_tokenizer(model, chat_template)
+        if not 0 <= index < len(records):
+            fail(f"{path}: --index {index} out of range (0..{len(records) - 1})")
+        example = tokenize_conversation(tokenizer, records[index]["messages"], train_on, 10**9)  # type: ignore[arg-type]
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    text = Text()
+    for token_id, label in zip(example.input_ids, example.labels):
+        piece = tokenizer.decode([token_id])
+        text.append(piece, style="bold black on green" if label != IGNORE else "dim")
+    console.print(text)
+    console.print(f"\n{example.trained_tokens} of {len(example.input_ids)} tokens carry loss (highlighted); "
+                  f"record {records[index].get('id')} from {records[index].get('meta', {}).get('source')}")

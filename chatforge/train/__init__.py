@@ -1,0 +1,1 @@
+"""Fine-tuning: tokenise, pack, the training loop, checkpoints, sweeps and ensembles."""

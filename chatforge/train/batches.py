@@ -1,0 +1,148 @@
+"""Conversations -> token ids with a loss mask -> padded or packed batches.
+
+Use it like this::
+
+    examples = tokenize_records(records, tokenizer, train_on="assistant", max_length=1024)
+    plan = plan_batches(examples, batch_size=4, max_length=1024, packing=True, seed=0, epoch=0)
+    batch = collate(plan[0], examples, pad_id=tokenizer.pad_token_id, packing=True)   # tensors for one step
+
+Labels follow the Hugging Face convention: `labels[i]` is the token at i when it carries loss, else -100, and the
+model at position i-1 predicts it. The first token of every example never carries loss, so in a packed sequence no
+example is trained to predict the start of the next one. Packed sequences restart `position_ids` at 0 for each
+conversation and have no attention mask: transformers then builds a block-diagonal causal mask from the position
+ids, so no token attends across conversations.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+IGNORE = -100
+TrainOn = Literal["assistant", "last_assistant", "all"]
+
+
+@dataclass
+class Example:
+    """One tokenised conversation: ids, labels (-100 where no loss) and whether it was cut at max_length."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE)
+
+
+def _last_span_only(mask: list[int]) -> list[int]:
+    """Keep only the last run of ones in a 0/1 mask (the final assistant turn)."""
+    end = len(mask)
+    while end > 0 and not mask[end - 1]:
+        end -= 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return [1 if start <= i < end else 0 for i in range(len(mask))]
+
+
+def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], train_on: TrainOn, max_length: int) -> Example:
+    """Render `messages` with the tokenizer's chat template and mark which tokens carry loss."""
+    encoded = tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in messages],
+        tokenize=True, return_dict=True, return_assistant_tokens_mask=train_on != "all",
+    )
+    input_ids = list(encoded["input_ids"])
+    if train_on == "all":
+        mask = [1] * len(input_ids)
+    else:
+        mask = list(encoded["assistant_masks"])
+        if train_on == "last_assistant":
+            mask = _last_span_only(mask)
+    mask[0] = 0
+    truncated = len(input_ids) > max_length
+    input_ids, mask = input_ids[:max_length], mask[:max_length]
+    return Example(input_ids, [tok if keep else IGNORE for tok, keep in zip(input_ids, mask)], truncated)
+
+
+def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any, train_on: TrainOn, max_length: int) -> list[Example]:
+    """Tokenise every record; examples with no trained token (e.g. cut before the answer) are left out."""
+    examples = [tokenize_conversation(tokenizer, r["messages"], train_on, max_length) for r in records]
+    return [e for e in examples if e.trained_tokens > 0]
+
+
+def pack_examples(examples: Sequence[Example], max_length: int) -> list[list[int]]:
+    """Group example indices into bins of at most max_length tokens (first-fit decreasing, deterministic)."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        size = len(examples[index].input_ids)
+        for b, free in enumerate(room):
+            if size <= free:
+                bins[b].append(index)
+                room[b] -= size
+                break
+        else:
+            bins.append([index])
+            room.append(max_length - size)
+    return bins
+
+
+def plan_batches(
+    examples: Sequence[Example], batch_size: int, max_length: int, packing: bool, seed: int, epoch: int
+) -> list[list[list[int]]]:
+    """The batches of one epoch, deterministic in (seed, epoch): each batch is a list of rows, a row a list of
+    example indices (one index per row without packing). Without packing, rows of similar length share a batch
+    to waste little padding."""
+    rng = random.Random(seed * 100_003 + epoch)
+    if packing:
+        rows = pack_examples(examples, max_length)
+        rng.shuffle(rows)
+    else:
+        indices = list(range(len(examples)))
+        rng.shuffle(indices)
+        window = batch_size * 32  # sort by length inside windows: little padding, still shuffled
+        rows = []
+        for start in range(0, len(indices), window):
+            chunk = sorted(indices[start : start + window], key=lambda i: len(examples[i].input_ids))
+            rows.extend([i] for i in chunk)
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    if not packing:
+        rng.shuffle(batches)
+    return batches
+
+
+def collate(batch: list[list[int]], examples: Sequence[Example], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
+    """Tensors for one batch: input_ids, labels and either attention_mask (padded) or position_ids (packed)."""
+    rows_ids, rows_labels, rows_positions = [], [], []
+    for row in batch:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for index in row:
+            example = examples[index]
+            ids += example.input_ids
+            labels += example.labels
+            positions += range(len(example.input_ids))
+        rows_ids.append(ids)
+        rows_labels.append(labels)
+        rows_positions.append(positions)
+    width = max(len(ids) for ids in rows_ids)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    position_ids = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, (ids, row_labels, positions) in enumerate(zip(rows_ids, rows_labels, rows_positions)):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        labels[r, : len(ids)] = torch.tensor(row_labels)
+        attention_mask[r, : len(ids)] = 1
+        position_ids[r, : len(ids)] = torch.tensor(positions)
+        position_ids[r, len(ids) :] = torch.arange(width - len(ids))  # padding is its own tiny "sequence"
+    if packing:
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,82 @@
+"""What a finished run leaves behind: RUN/model (loadable without chatforge), the template, config and manifest.
+
+Use it like this (as `train` does)::
+
+    write_run_files(run_dir, cfg, tokenizer, base_location)       # at the start: config.yaml, chat_template.jinja
+    export_run(run_dir, model, tokenizer, cfg, base_location, manifest, final, best_val_loss)
+
+RUN/model holds either a peft adapter (adapter_config.json points at the base model directory) or, for full
+fine-tuning and `merge: true`, a complete model; the tokenizer with its chat template is saved beside it, so
+`AutoTokenizer.from_pretrained(RUN/model).apply_chat_template(...)` renders exactly what training saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chatforge.config import TrainConfig
+from chatforge.manifest import Manifest, sha256_file
+
+
+def base_model_fingerprint(spec: str | None, base_location: Any) -> dict[str, Any]:
+    """How to tell later which base a run was trained from: the GGUF's sha256, or a hash of the dir's config and
+    weight file sizes (hashing GBs of weights on every run would cost more than it tells)."""
+    from chatforge.models.source import file_sha256, resolve_model_source
+
+    source = resolve_model_source(spec)
+    if source.kind == "gguf":
+        return {"kind": "gguf", "path": source.location, "sha256": file_sha256(Path(source.location)),
+                "converted_dir": str(base_location)}
+    if source.kind == "hub":
+        return {"kind": "hub", "id": source.location}
+    directory = Path(source.location)
+    digest = hashlib.sha256((directory / "config.json").read_bytes() if (directory / "config.json").exists() else b"")
+    for weights in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return {"kind": "hf_dir", "path": str(directory.resolve()), "fingerprint": digest.hexdigest()}
+
+
+def write_run_files(run_dir: Path, cfg: TrainConfig, tokenizer: Any, base_location: Any) -> None:
+    """The resolved config and the exact chat template, written before the first step."""
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": cfg.model_dump(mode="json")}, sort_keys=False))
+    (run_dir / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+
+
+def export_run(
+    run_dir: Path, model: Any, tokenizer: Any, cfg: TrainConfig, base_location: Any, manifest: Manifest,
+    final: dict[str, Any], best_val_loss: float | None,
+) -> Path:
+    """Save RUN/model (adapter, merged or full) with the tokenizer, and RUN/manifest.json with the lineage."""
+    out = run_dir / "model"
+    out.mkdir(parents=True, exist_ok=True)
+    is_adapter = hasattr(model, "peft_config")
+    if is_adapter and cfg.merge:
+        model = model.merge_and_unload()
+        is_adapter = False
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if is_adapter:  # point the adapter at the exact base directory it was trained on
+        adapter_config = json.loads((out / "adapter_config.json").read_text())
+        adapter_config["base_model_name_or_path"] = str(Path(base_location).resolve()) if Path(str(base_location)).exists() else str(base_location)
+        (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+
+    data_manifest = Path(cfg.data or "") / "manifest.json"
+    for name in ("train.jsonl", "val.jsonl"):
+        path = Path(cfg.data or "") / name
+        if path.exists():
+            manifest.add_input(path)
+    manifest.extra["lineage"] = {
+        "dataset_dir": str(Path(cfg.data or "").resolve()),
+        "dataset_manifest_sha256": sha256_file(data_manifest) if data_manifest.exists() else None,
+        "base_model": base_model_fingerprint(cfg.model, base_location),
+    }
+    manifest.outputs = {"model": "model", "kind": "adapter" if is_adapter else "full", "chat_template": "chat_template.jinja",
+                        "metrics": "metrics.jsonl", "tensorboard": "tb", "checkpoints": "checkpoints"}
+    manifest.counts = {**final, "best_val_loss": best_val_loss}
+    manifest.write(run_dir)
+    return out

@@ -1,0 +1,89 @@
+"""Cross-entropy through the LM head on trained positions only, in chunks, never holding [tokens x vocab] logits.
+
+Use it like this::
+
+    hidden = decoder(input_ids, ...).last_hidden_state          # [batch, seq, hidden]
+    positions = labels[:, 1:] != -100                            # next-token targets that carry loss
+    loss_sum, correct = chunked_lm_loss(hidden[:, :-1][positions], lm_head.weight, labels[:, 1:][positions])
+    (loss_sum / n_tokens).backward()
+
+Why: Gemma 3's 262k-entry vocabulary makes the LM head most of the compute per token, and a plain
+`CrossEntropyLoss(lm_head(hidden))` materialises fp32 logits for every position, padding and prompts included. Here
+the head runs only on positions that carry loss, a chunk at a time, and the gradient of each chunk is computed in
+the same pass (softmax minus one-hot), so the backward costs no second logits matmul and nothing vocabulary-sized
+stays alive between forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Sum of token cross-entropies of `hidden @ weight.T` against `targets`, gradients computed in forward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        chunk_size: int,
+        softcap: float,
+    ) -> tuple[Tensor, Tensor]:
+        need_hidden_grad = hidden.requires_grad
+        need_weight_grad = weight.requires_grad
+        grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]
+            t = targets[start : start + chunk_size]
+            raw = (h @ weight.T).float()
+            if softcap:
+                capped = torch.tanh(raw / softcap)
+                logits = capped * softcap
+            else:
+                logits = raw
+            log_z = torch.logsumexp(logits, dim=-1)
+            loss_sum += (log_z - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            correct += (logits.argmax(dim=-1) == t).sum()
+            if need_hidden_grad or need_weight_grad:
+                grad_logits = torch.softmax(logits, dim=-1)  # d(loss)/d(logits) = softmax - onehot
+                grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                if softcap:
+                    grad_logits *= 1.0 - capped * capped  # d(cap * tanh(x / cap)) / dx
+                grad_logits = grad_logits.to(weight.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk_size] = grad_logits @ weight
+                if grad_weight is not None:
+                    grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
+        ctx.has_grads = (grad_hidden is not None, grad_weight is not None)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(correct)
+        return loss_sum, correct
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, _grad_correct: Tensor) -> tuple:  # type: ignore[override]
+        saved = iter(ctx.saved_tensors)
+        has_hidden, has_weight = ctx.has_grads
+        grad_hidden = next(saved) * grad_loss if has_hidden else None
+        grad_weight = (next(saved) * grad_loss).to(ctx.weight_dtype) if has_weight else None
+        return grad_hidden, grad_weight, None, None, None
+
+
+def chunked_lm_loss(
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 512, softcap: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Return (sum of cross-entropy, number of argmax hits) over `targets`; differentiable in the first value.
+
+    hidden: [n, hidden] states at the positions that predict `targets` ([n] token ids); weight: the LM head [vocab,
+    hidden]; softcap: Gemma-style final logit soft-capping (None when the model has none).
+    """
+    if hidden.shape[0] == 0:
+        zero = hidden.sum() * 0.0 + weight.sum() * 0.0  # keeps the graph connected (DDP expects every grad)
+        return zero.float(), torch.zeros((), dtype=torch.long, device=hidden.device)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, float(softcap or 0.0))

@@ -1,0 +1,106 @@
+"""The model being trained: base weights, an optional LoRA adapter, and the masked-loss forward.
+
+Use it like this::
+
+    model = load_base_model("path/to/hf-dir", torch.float32)
+    model = apply_lora(model, LoraSettings(r=16))            # or leave it for full fine-tuning
+    loss_model = CausalLMLoss(model, chunk_size=512)
+    loss_sum, n_tokens, n_correct = loss_model(**batch)      # batch from batches.collate
+
+`CausalLMLoss` is an `nn.Module` so DDP (through accelerate) wraps the whole forward, loss included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from chatforge.config import LoraSettings
+from chatforge.train.batches import IGNORE
+from chatforge.train.loss import chunked_lm_loss
+
+# Attention projections by naming family; the first family whose names all exist in the model is used.
+LORA_TARGET_FAMILIES = (
+    ("q_proj", "k_proj", "v_proj", "o_proj"),  # Llama, Gemma, Mistral, Qwen, Phi-3 ...
+    ("c_attn", "c_proj"),  # GPT-2
+    ("query_key_value", "dense"),  # Falcon, GPT-NeoX
+)
+
+
+def load_base_model(location: Any, dtype: torch.dtype) -> Any:
+    """AutoModelForCausalLM from an HF directory or hub id, in `dtype`, with the KV cache off (training)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype)
+    model.config.use_cache = False
+    return model
+
+
+def default_lora_targets(model: nn.Module) -> list[str]:
+    """The attention projection names this architecture has (see LORA_TARGET_FAMILIES)."""
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for family in LORA_TARGET_FAMILIES:
+        if all(name in leaf_names for name in family):
+            return list(family)
+    raise ValueError("cannot tell this model's attention projections; set train.lora.target_modules in the config")
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings) -> Any:
+    """Wrap `model` in a peft LoRA adapter; only the adapter's weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings.target_modules or default_lora_targets(model)
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def causal_lm_of(model: nn.Module) -> Any:
+    """The transformers *ForCausalLM inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class CausalLMLoss(nn.Module):
+    """Forward = decoder, then the LM head and cross-entropy on trained positions only (see train.loss)."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 512) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        causal = causal_lm_of(model)
+        self.softcap = getattr(causal.config, "final_logit_softcapping", None)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Return (sum of token losses, number of trained tokens, number predicted right)."""
+        causal = causal_lm_of(self.model)
+        hidden = causal.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        targets = labels[:, 1:]
+        trained = targets != IGNORE
+        head = causal.get_output_embeddings()
+        loss_sum, correct = chunked_lm_loss(
+            hidden[:, :-1][trained], head.weight, targets[trained], self.chunk_size, self.softcap
+        )
+        return loss_sum, trained.sum(), correct
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable parameters); tied weights are counted once."""
+    seen: set[int] = set()
+    total = trainable = 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        trainable += parameter.numel() if parameter.requires_grad else 0
+    return total, trainable
