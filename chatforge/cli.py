@@ -11,6 +11,7 @@ Errors in the user's input print one line (`error: file:line: reason`) and exit 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -160,7 +161,7 @@ def train_command(
         report = train(cfg, resume=resume, dry_run=dry_run, log=log_line)
     except (ConfigError, TrainError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
-    if dry_run:
+    if dry_run or os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
     best = f"{report.best_val_loss:.4f}" if report.best_val_loss is not None else "n/a"
     console.print(f"[bold green]run ready:[/] {report.run_dir / 'model'}  ({report.steps} steps, best val loss {best}"

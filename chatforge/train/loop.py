@@ -112,6 +112,7 @@ def evaluate_loss(loss_model: Any, examples: list[Example], cfg: TrainConfig, pa
     batches = plan_batches(examples, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed, epoch=0)
     mine = batches[accelerator.process_index :: accelerator.num_processes]
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    loss_model = accelerator.unwrap_model(loss_model)  # no DDP forward: processes may hold different batch counts
     loss_model.eval()
     with torch.no_grad():
         for batch in mine:

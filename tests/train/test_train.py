@@ -141,3 +141,23 @@ def test_cli_dry_run_prints_an_estimate_and_trains_nothing(dataset_dir: Path, ti
     missing = cli_train(["--data", str(tmp_path / "nope"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r")])
     output, _ = missing.communicate(timeout=300)
     assert missing.returncode == 2 and "missing" in output and "Traceback" not in output
+
+
+def test_torchrun_two_processes_match_one_process_with_gradient_accumulation(
+    dataset_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    common = ["--data", str(dataset_dir), "--model", str(tiny_model_dir), "--method", "full", "--max-steps", "6",
+              "--eval-every", "3", "--lr", "0.003", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "chatforge", "train", *common, "--out", str(tmp_path / "ddp")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    single = cli_train([*common, "--grad-accum", "2", "--out", str(tmp_path / "single")])
+    output, _ = single.communicate(timeout=600)
+    assert single.returncode == 0, output
+    ddp_losses, single_losses = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "single")
+    assert sorted(ddp_losses) == sorted(single_losses)
+    for step in single_losses:  # same global batches, token-weighted mean loss: same trajectory
+        assert ddp_losses[step] == pytest.approx(single_losses[step], rel=1e-4)
+    assert (tmp_path / "ddp" / "model" / "config.json").exists()
