@@ -200,3 +200,21 @@ def inspect(
     console.print(text)
     console.print(f"\n{example.trained_tokens} of {len(example.input_ids)} tokens carry loss (highlighted); "
                   f"record {records[index].get('id')} from {records[index].get('meta', {}).get('source')}")
+
+
+@app.command("ensemble")
+def ensemble_command(
+    runs: Annotated[list[Path], typer.Argument(help="run directories to combine (two or more)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory for the combined run")],
+    weights: Annotated[str | None, typer.Option(help="one weight per run, comma-separated, e.g. 0.5,0.5 (normalised)")] = None,
+    soup: Annotated[bool, typer.Option("--soup", help="average the runs' weights into one model (runs must share a base)")] = False,
+) -> None:
+    """Combine runs: average their next-token probabilities, or with --soup their weights, into one servable run."""
+    from chatforge.train.ensemble import make_ensemble, parse_weights
+
+    try:
+        out_dir = make_ensemble(runs, out, parse_weights(weights), soup=soup)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    kind = "model soup (one full model)" if soup else "probability ensemble"
+    console.print(f"[bold green]{kind} ready:[/] {out_dir}  ({len(runs)} runs; evaluate or serve it like any run)")

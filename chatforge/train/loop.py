@@ -195,9 +195,11 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
     stopper = EarlyStopper(cfg.early_stopping.patience, cfg.early_stopping.min_delta, state["best_val_loss"], state["bad_evals"])
     world = accelerator.num_processes
     step, stopped_early, last_eval_step = start_step, False, None
-    t_window, tokens_window, positions_window = time.perf_counter(), 0, 0
+    # Rates count step time only (not evaluation or checkpoint writing), over the steps since the last log line.
+    seconds_window, tokens_window, positions_window, steps_window = 0.0, 0, 0, 0
     loss_model.train()
     while step < total_steps and not stopped_early:
+        step_started = time.perf_counter()
         step_loss = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
         for k in range(plan.micro_per_step):
             batch = plan.micro_batches[step * plan.micro_per_step + k]
@@ -219,17 +221,20 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
         optimizer.zero_grad(set_to_none=True)
         step_loss = accelerator.reduce(step_loss, reduction="sum")
         tokens_window += int(step_loss[1])
+        steps_window += 1
+        seconds_window += time.perf_counter() - step_started
         state["tokens_seen"] += int(step_loss[1])
         train_loss = float(step_loss[0] / step_loss[1].clamp(min=1))
         if step % cfg.log_every == 0 or step == total_steps:
-            elapsed = time.perf_counter() - t_window
+            elapsed = max(seconds_window, 1e-9)
             values = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
+                      "train/seconds_per_step": elapsed / steps_window,
                       "train/trained_tokens_per_s": tokens_window / elapsed,
                       "train/positions_per_s": positions_window * world / elapsed}
             if grad_norm is not None:
                 values["train/grad_norm"] = float(grad_norm)
             monitor.scalars(step, values)
-            t_window, tokens_window, positions_window = time.perf_counter(), 0, 0
+            seconds_window, tokens_window, positions_window, steps_window = 0.0, 0, 0, 0
         monitor.show(step, f"loss {train_loss:.3f}", step % cfg.log_every == 0)
         if val_examples and (step % cfg.eval_every == 0 or step == total_steps):
             metrics = evaluate_loss(loss_model, val_examples, cfg, pad_id, accelerator)

@@ -140,3 +140,30 @@ def test_cli_reads_project_file_and_init_writes_a_valid_one(tmp_path: Path) -> N
     (tmp_path / "chatforge.yaml").write_text("prepare:\n  dedupe: {}\n")
     failed = run_cli("prepare", "x", "--out", "o", cwd=tmp_path)
     assert failed.returncode == 2 and "prepare.dedupe" in failed.stderr
+
+
+def test_prepare_with_fit_splits_long_conversations_and_keeps_pieces_in_one_split(
+    tmp_path: Path, tiny_tokenizer_dir: Path
+) -> None:
+    write_messy_inputs(tmp_path / "in")
+    long_turns = []
+    for turn in range(12):
+        long_turns += [{"role": "user", "content": f"Question {turn}: how do I fix problem number {turn} on my router?"},
+                       {"role": "assistant", "content": f"For problem {turn}, unplug the router, wait, and plug it back in."}]
+    with (tmp_path / "in" / "chats.jsonl").open("a") as handle:
+        handle.write(json.dumps({"messages": long_turns}) + "\n")
+    cfg = PrepareConfig(fit=FitConfig(model=str(tiny_tokenizer_dir), max_tokens=96, overflow="split"))
+    report = prepare([tmp_path / "in"], tmp_path / "out", cfg)
+    counts = report.counts
+    assert counts["read"] == READ + 1
+    assert counts["read"] == counts["kept"] + counts["rejected"] + counts["duplicates"]
+    assert counts["pieces_from_long_conversations"] >= 2
+    pieces_by_split = {}
+    for name in ("train", "val", "test"):
+        for record in read_jsonl(tmp_path / "out" / f"{name}.jsonl"):
+            if "group" in record["meta"]:
+                pieces_by_split.setdefault(record["meta"]["group"], set()).add(name)
+                assert record["messages"][-1]["role"] == "assistant"
+    assert pieces_by_split and all(len(splits) == 1 for splits in pieces_by_split.values())
+    stats = report.card["tokens"]["stats"]
+    assert 0 < stats["max"] <= 96 and report.card["tokens"]["estimated_train_tokens_per_epoch"] > 0

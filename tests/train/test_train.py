@@ -161,3 +161,29 @@ def test_torchrun_two_processes_match_one_process_with_gradient_accumulation(
     for step in single_losses:  # same global batches, token-weighted mean loss: same trajectory
         assert ddp_losses[step] == pytest.approx(single_losses[step], rel=1e-4)
     assert (tmp_path / "ddp" / "model" / "config.json").exists()
+
+
+def test_trained_model_stops_by_itself_and_the_untrained_base_does_not(
+    dataset_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from tests.train.chat_data import chat_pair
+
+    report = train(tiny_config(dataset_dir, tiny_model_dir, tmp_path / "run", max_steps=60, eval_every=1000,
+                               save_every=1000), log=lambda _m: None)
+    tokenizer = AutoTokenizer.from_pretrained(report.run_dir / "model")
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+
+    def answers_ending_with_end_of_turn(model_path: Path) -> int:
+        model = AutoModelForCausalLM.from_pretrained(model_path)
+        stopped = 0
+        for index in range(5):
+            prompt = tokenizer.apply_chat_template([chat_pair(index)[0]], add_generation_prompt=True,
+                                                   return_tensors="pt", return_dict=True)
+            output = model.generate(**prompt, max_new_tokens=40, do_sample=False,
+                                    eos_token_id=[end_of_turn, tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+            new_tokens = output[0, prompt["input_ids"].shape[1]:].tolist()
+            stopped += new_tokens[-1] == end_of_turn and len(new_tokens) < 40
+        return stopped
+
+    assert answers_ending_with_end_of_turn(report.run_dir / "model") == 5
+    assert answers_ending_with_end_of_turn(tiny_model_dir) == 0

