@@ -89,10 +89,13 @@ def ensure_chat_template(tokenizer: Any, name: str | None = None) -> str:
     missing from the vocabulary are added as special tokens (logged): the model's embeddings must then be resized
     to `len(tokenizer)` before training.
     """
-    if name is not None and name not in CHAT_TEMPLATES:
-        if name == "tokenizer" and getattr(tokenizer, "chat_template", None):
+    known = ", ".join(sorted(CHAT_TEMPLATES))
+    if name == "tokenizer":  # what this function returns for a kept template, so it round-trips through configs
+        if getattr(tokenizer, "chat_template", None):
             return "tokenizer"
-        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(sorted(CHAT_TEMPLATES))}")
+        raise ValueError(f"chat template 'tokenizer': the tokenizer has none of its own; name one of {known}")
+    if name is not None and name not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown chat template {name!r}; known: {known}")
     if name is None:
         if getattr(tokenizer, "chat_template", None):
             return "tokenizer"
