@@ -218,3 +218,38 @@ def ensemble_command(
         fail(str(exc))
     kind = "model soup (one full model)" if soup else "probability ensemble"
     console.print(f"[bold green]{kind} ready:[/] {out_dir}  ({len(runs)} runs; evaluate or serve it like any run)")
+
+
+@app.command("sweep")
+def sweep_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="sweep directory: a run dir per trial, sweep.db, leaderboard")],
+    config_file: Annotated[Path | None, typer.Argument(help="project file (chatforge.yaml) with train: and sweep:")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="project file (same as the argument)")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default sqlite:///OUT/sweep.db); a "
+                                                     "PostgreSQL URL shares one sweep between machines")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="skip finished trials; rerun failed and interrupted ones")] = False,
+) -> None:
+    """Train every combination of the sweep: values on top of train: and rank the runs by best val loss."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from chatforge.train.sweep import sweep
+
+    try:
+        project = load_project(config or config_file)
+        report = sweep(project.train, project.sweep, out, storage=storage, resume=resume, log=log_line)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    table = Table("rank", "trial", *(escape(key) for key in project.sweep), "best val loss", "steps", "note")
+    for rank, row in enumerate(report.trials, start=1):
+        loss = f"{row['best_val_loss']:.4f}" if row["best_val_loss"] is not None else "n/a"
+        note = row["error"] or {"complete": "stopped early" if row["stopped_early"] else ""}.get(row["state"], row["state"])
+        table.add_row(str(rank) if row["state"] == "complete" else "-", str(row["trial"]),
+                      *(escape(str(value)) for value in row["params"].values()), loss, str(row["steps"] or ""), escape(note))
+    console.print(table)
+    best = report.best
+    console.print(f"[bold green]sweep ready:[/] {report.out_dir / 'leaderboard.md'}  ({report.done} trained, "
+                  f"{report.skipped} skipped, {report.failed} failed)"
+                  + (f"; best run {escape(str(best['run_dir']))}" if best else ""), highlight=False)
+    if report.failed:
+        console.print("rerun the failed trials with --resume once their cause is fixed", highlight=False)

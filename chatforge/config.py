@@ -213,6 +213,9 @@ class ProjectConfig(StrictModel):
 
     prepare: PrepareConfig = PrepareConfig()
     train: TrainConfig = TrainConfig()
+    sweep: dict[str, list[Any]] = Field(
+        default={}, description="`chatforge sweep`: values to try per train setting, e.g. {lr: [1.0e-4, 3.0e-4], lora.r: [8, 16]}"
+    )
     eval: dict[str, Any] = {}
     serve: dict[str, Any] = {}
 
@@ -292,5 +295,7 @@ def starter_yaml() -> str:
     emit(PrepareConfig(), 1)
     lines += ["", "train:"]
     emit(TrainConfig(), 1)
-    lines += ["", "# eval: and serve: sections are added as those stages land.", ""]
+    lines += ["", "# `chatforge sweep`: values to try for any train setting (dotted for nested ones); every combination runs.",
+              "sweep: {}", "#  lr: [1.0e-4, 3.0e-4]", "#  lora.r: [8, 16]",
+              "", "# eval: and serve: sections are added as those stages land.", ""]
     return "\n".join(lines)

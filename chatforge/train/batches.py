@@ -70,8 +70,18 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], train_
 
 
 def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any, train_on: TrainOn, max_length: int) -> list[Example]:
-    """Tokenise every record; examples with no trained token (e.g. cut before the answer) are left out."""
-    examples = [tokenize_conversation(tokenizer, r["messages"], train_on, max_length) for r in records]
+    """Tokenise every record; examples with no trained token (e.g. cut before the answer) are left out.
+
+    A record whose last answer `prepare` cut to fit (`meta.truncated`) keeps its answer tokens but not the
+    end-of-turn token after them: the model must not learn to stop mid-sentence."""
+    examples = []
+    for record in records:
+        example = tokenize_conversation(tokenizer, record["messages"], train_on, max_length)
+        if record.get("meta", {}).get("truncated") and not example.truncated:
+            last = max((i for i, label in enumerate(example.labels) if label != IGNORE), default=None)
+            if last is not None:
+                example.labels[last] = IGNORE
+        examples.append(example)
     return [e for e in examples if e.trained_tokens > 0]
 
 

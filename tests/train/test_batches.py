@@ -99,3 +99,11 @@ def test_per_token_losses_of_packed_row_match_alone(tiny_tokenizer_dir: Path, ti
         separate = torch.cat([token_losses(collate([[0]], [first, second], tokenizer.pad_token_id, packing=False)),
                               token_losses(collate([[1]], [first, second], tokenizer.pad_token_id, packing=False))])
     assert torch.allclose(packed, separate, atol=1e-4)
+
+
+def test_answer_cut_by_prepare_does_not_teach_stopping(tiny_tokenizer_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    whole, cut = tokenize_records([{"messages": CONVERSATION}, {"messages": CONVERSATION, "meta": {"truncated": True}}],
+                                  tokenizer, "assistant", 512)
+    assert trained_text(tokenizer, whole).endswith("You are welcome.<end_of_turn>")
+    assert trained_text(tokenizer, cut).endswith("You are welcome.")
