@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--only", choices=["chatforge", "trl"], help="run one side only")
     parser.add_argument("--child", choices=["chatforge", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--packing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -167,7 +168,7 @@ def main() -> None:
     print(f"model {args.model or 'gemma3-270m (default)'}: {body / 1e6:.1f}M body + {head / 1e6:.1f}M head params; "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s on {args.threads} threads; {args.steps} steps, {args.warmup} warm-up")
     results = {}
-    for child in ("chatforge", "trl"):
+    for child in [args.only] if args.only else ["chatforge", "trl"]:
         for packing in (False, True):
             name = f"{child}{' packed' if packing else ''}"
             command = [sys.executable, __file__, "--child", child, "--data", data, "--steps", str(args.steps),

@@ -203,7 +203,7 @@ class TrainConfig(StrictModel):
     keep_checkpoints: int = Field(default=2, ge=1, description="last K kept, plus the best")
     log_every: int = Field(default=10, ge=1)
     histogram_every: int = Field(default=100, ge=1, description="steps between weight/grad histograms")
-    loss_chunk: int = Field(default=512, ge=16, description="positions per LM-head chunk")
+    loss_chunk: int | None = Field(default=None, ge=16, description="positions per LM-head chunk; None = ~128 MB of logits")
     gradient_checkpointing: bool = False
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None = all cores")
 

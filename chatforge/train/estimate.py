@@ -20,7 +20,7 @@ import torch
 
 from chatforge.config import TrainConfig
 from chatforge.train.batches import Example
-from chatforge.train.model import causal_lm_of, count_parameters
+from chatforge.train.model import causal_lm_of, count_parameters, loss_chunk_rows
 
 EFFICIENCY = 0.5  # fraction of the measured matmul speed a training step reaches (checked on Gemma 270M here)
 
@@ -63,7 +63,7 @@ def estimate_run(
     batch_positions = cfg.batch_size * widest
     activations = batch_positions * hidden * layers * 4 * 24  # ~24 saved fp32 values per hidden unit per layer
     optimizer_bytes = trainable * 4 * (3 if cfg.optimizer in {"adamw", "adam"} else 2)
-    lm_head_chunk = cfg.loss_chunk * head.shape[0] * 4 * 3
+    lm_head_chunk = loss_chunk_rows(head.shape[0], cfg.loss_chunk) * head.shape[0] * 4 * 3  # logits, softmax/gradient, soft-cap buffer
     memory = total_params * 4 + optimizer_bytes + activations + lm_head_chunk
     summary = (
         f"estimate: ~{memory / 2**30:.1f} GiB peak ({total_params / 1e6:.1f}M params, {trainable / 1e6:.2f}M trained), "

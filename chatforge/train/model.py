@@ -21,6 +21,8 @@ from chatforge.config import LoraSettings
 from chatforge.train.batches import IGNORE
 from chatforge.train.loss import chunked_lm_loss
 
+LOGITS_BUDGET = 32 * 1024 * 1024  # fp32 logits per LM-head chunk (x4 bytes); see CausalLMLoss
+
 # Attention projections by naming family; the first family whose names all exist in the model is used.
 LORA_TARGET_FAMILIES = (
     ("q_proj", "k_proj", "v_proj", "o_proj"),  # Llama, Gemma, Mistral, Qwen, Phi-3 ...
@@ -65,11 +67,11 @@ def causal_lm_of(model: nn.Module) -> Any:
 class CausalLMLoss(nn.Module):
     """Forward = decoder, then the LM head and cross-entropy on trained positions only (see train.loss)."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 512) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int | None = None) -> None:
         super().__init__()
         self.model = model
-        self.chunk_size = chunk_size
         causal = causal_lm_of(model)
+        self.chunk_size = loss_chunk_rows(causal.get_output_embeddings().weight.shape[0], chunk_size)
         self.softcap = getattr(causal.config, "final_logit_softcapping", None)
 
     def forward(
@@ -91,6 +93,12 @@ class CausalLMLoss(nn.Module):
             hidden[:, :-1][trained], head.weight, targets[trained], self.chunk_size, self.softcap
         )
         return loss_sum, trained.sum(), correct
+
+
+def loss_chunk_rows(vocab_size: int, configured: int | None) -> int:
+    """Positions per LM-head chunk: as configured, else ~128 MB of fp32 logits (128 for a 262k vocabulary), so
+    peak memory stays flat while each matmul is still large enough to run at full speed."""
+    return configured or max(16, min(8192, LOGITS_BUDGET // vocab_size))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
