@@ -60,10 +60,6 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
     return files
 
 
-def _rejection_record(rejection: Rejection) -> dict[str, Any]:
-    return rejection.to_json()
-
-
 def _rejected_record(record: Record, reason: str) -> dict[str, Any]:
     source, _, line = record["meta"]["source"].rpartition(":")
     return {"source": source, "line": int(line), "reason": reason, "record": record}
@@ -160,7 +156,7 @@ def read_inputs(files: list[Path], cfg: PrepareConfig, manifest: Manifest, log: 
                 line = item.line if isinstance(item, Rejection) else item["meta"]["source"].rpartition(":")[2]
                 raise StrictModeError(f"{path}:{line}: {reason}")
             if isinstance(item, Rejection):
-                rejected.append(_rejection_record(item))
+                rejected.append(item.to_json())
             elif reason:
                 rejected.append(_rejected_record(item, reason))
             else:
