@@ -1,0 +1,1 @@
+"""Evaluation: metrics against references, generation for eval, bias probe, reports, human rating."""
