@@ -76,13 +76,18 @@ def _compiled_keyword_rules(rules: tuple[tuple[str, tuple[str, ...]], ...]) -> l
     return compiled
 
 
+def label_categories(records: list[Record], cfg: BalanceConfig) -> tuple[list[Record], list[str | None]]:
+    """Each record's category (see `categorise`), written into meta[cfg.by] where a keyword rule found it."""
+    categories = [categorise(record, cfg) for record in records]
+    return [_with_category(record, category, cfg.by) for record, category in zip(records, categories)], categories
+
+
 def balance_records(records: list[Record], cfg: BalanceConfig, mode: str | None = None) -> BalanceResult:
     """Cap or upsample categories towards `cfg.target`; `mode` overrides `cfg.mode`. See the module docstring."""
     mode = mode or cfg.mode
     if mode not in MODES:
         raise ValueError(f"balance mode {mode!r}: expected one of {', '.join(MODES)}")
-    categories = [categorise(record, cfg) for record in records]
-    labelled = [_with_category(record, category, cfg.by) for record, category in zip(records, categories)]
+    labelled, categories = label_categories(records, cfg)
     before = count_categories(categories)
 
     def unchanged(reason: str) -> BalanceResult:

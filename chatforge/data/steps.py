@@ -73,11 +73,11 @@ def balance_cap(records: list[Record], cfg: BalanceConfig) -> tuple[list[Record]
     """In cap mode, remove records of over-represented categories before the split."""
     if not cfg.enabled:
         return records, [], {}
-    from chatforge.data.balance import balance_records
+    from chatforge.data.balance import balance_records, count_categories, label_categories
 
-    if cfg.mode != "cap":  # categorise only (keyword rules write meta[by]); upsampling happens on train later
-        result = balance_records(records, cfg.model_copy(update={"target": {}}), mode="cap")
-        return result.kept, result.removed, {"before": result.before, "skipped_reason": result.skipped_reason}
+    if cfg.mode != "cap":  # only label now (keyword rules fill meta[by]) so the split can stratify; upsample later
+        labelled, categories = label_categories(records, cfg)
+        return labelled, [], {"before": count_categories(categories)}
     result = balance_records(records, cfg, mode="cap")
     return result.kept, result.removed, {"before": result.before, "after": result.after,
                                          "skipped_reason": result.skipped_reason}

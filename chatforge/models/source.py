@@ -20,11 +20,12 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from hashlib import sha256
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from chatforge.manifest import sha256_file
 from chatforge.models.templates import ensure_chat_template
 
 if TYPE_CHECKING:
@@ -117,21 +118,14 @@ def tokenizer_dir(spec: str | None) -> Path | str:
     """A directory (or hub id) `AutoTokenizer.from_pretrained` can load; a GGUF's tokenizer is converted once."""
     source = resolve_model_source(spec)
     if source.kind != "gguf":
-        return Path(source.location) if source.kind == "hf_dir" else source.location
-    gguf_path = Path(source.location)
-    target = gguf_cache_dir(gguf_path)
-    if (target / "tokenizer_config.json").is_file():
-        return target
-    from transformers import AutoTokenizer
+        return _loadable(source)
 
-    logger.info("converting the tokenizer of %s (once; ~30 s for the default model)", gguf_path)
-    started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=target.parent) as scratch:
-        tokenizer.save_pretrained(scratch)
-        _move_into(Path(scratch), target, last="tokenizer_config.json")
-    logger.info("tokenizer converted in %.0f s into %s", time.perf_counter() - started, target)
-    return target
+    def convert(gguf_path: Path, scratch: Path) -> None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(scratch)
+
+    return _convert_once(Path(source.location), "tokenizer_config.json", "tokenizer (~30 s for the default model)", convert)
 
 
 def model_dir(spec: str | None) -> Path | str:
@@ -142,22 +136,36 @@ def model_dir(spec: str | None) -> Path | str:
     """
     source = resolve_model_source(spec)
     if source.kind != "gguf":
-        return Path(source.location) if source.kind == "hf_dir" else source.location
-    gguf_path = Path(source.location)
-    target = gguf_cache_dir(gguf_path)
-    if (target / "config.json").is_file():
-        return target
-    tokenizer_dir(str(gguf_path))  # the directory should load as a whole model: tokenizer included
-    from transformers import AutoModelForCausalLM
+        return _loadable(source)
+    tokenizer_dir(source.location)  # the directory should load as a whole model: tokenizer included
 
-    logger.info("dequantizing %s to an fp32 HF directory (once; ~1-2 min for the default model)", gguf_path)
-    started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="float32")
-    _clear_quantizer_state(model)
-    with tempfile.TemporaryDirectory(prefix=".model-", dir=target.parent) as scratch:
+    def convert(gguf_path: Path, scratch: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="float32")
+        _clear_quantizer_state(model)
         model.save_pretrained(scratch)
-        _move_into(Path(scratch), target, last="config.json")
-    logger.info("model converted in %.0f s into %s", time.perf_counter() - started, target)
+
+    return _convert_once(Path(source.location), "config.json", "fp32 model (~1-2 min for the default model)", convert)
+
+
+def _loadable(source: ModelSource) -> Path | str:
+    """What from_pretrained takes for a non-GGUF source: the directory, or the hub id."""
+    return Path(source.location) if source.kind == "hf_dir" else source.location
+
+
+def _convert_once(gguf_path: Path, marker: str, what: str, convert: Callable[[Path, Path], None]) -> Path:
+    """Run `convert(gguf_path, scratch_dir)` unless the GGUF's cache dir already has `marker`, then move the
+    result into the cache dir with `marker` last, so its presence means the conversion finished."""
+    target = gguf_cache_dir(gguf_path)
+    if (target / marker).is_file():
+        return target
+    logger.info("converting %s: %s, once", gguf_path, what)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".convert-", dir=target.parent) as scratch:
+        convert(gguf_path, Path(scratch))
+        _move_into(Path(scratch), target, last=marker)
+    logger.info("converted in %.0f s into %s", time.perf_counter() - started, target)
     return target
 
 
@@ -186,12 +194,9 @@ def file_sha256(path: Path) -> str:
     entry = memo.get(key)
     if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
         return str(entry["sha256"])
-    digest = sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    _remember_sha256(path, digest.hexdigest())
-    return digest.hexdigest()
+    hexdigest = sha256_file(path)
+    _remember_sha256(path, hexdigest)
+    return hexdigest
 
 
 def _remember_sha256(path: Path, hexdigest: str) -> None:

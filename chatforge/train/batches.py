@@ -104,14 +104,16 @@ def pack_examples(examples: Sequence[Example], max_length: int) -> list[list[int
 
 
 def plan_batches(
-    examples: Sequence[Example], batch_size: int, max_length: int, packing: bool, seed: int, epoch: int
+    examples: Sequence[Example], batch_size: int, max_length: int, packing: bool, seed: int, epoch: int,
+    packed_rows: list[list[int]] | None = None,
 ) -> list[list[list[int]]]:
     """The batches of one epoch, deterministic in (seed, epoch): each batch is a list of rows, a row a list of
     example indices (one index per row without packing). Without packing, rows of similar length share a batch
-    to waste little padding."""
+    to waste little padding. The packing itself does not depend on the epoch: pass `packed_rows`
+    (`pack_examples`' result) to plan many epochs without packing again."""
     rng = random.Random(seed * 100_003 + epoch)
     if packing:
-        rows = pack_examples(examples, max_length)
+        rows = list(packed_rows) if packed_rows is not None else pack_examples(examples, max_length)
         rng.shuffle(rows)
     else:
         indices = list(range(len(examples)))

@@ -60,10 +60,9 @@ def export_run(
         is_adapter = False
     if not is_adapter and getattr(model, "generation_config", None) is not None:
         # plain `generate` should stop where the chat template ends a turn, not only at eos
-        from chatforge.models.templates import end_of_turn_token
+        from chatforge.models.run import stop_token_ids
 
-        stop_ids = [tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer)), tokenizer.eos_token_id]
-        model.generation_config.eos_token_id = list(dict.fromkeys(i for i in stop_ids if i is not None))
+        model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if is_adapter:  # point the adapter at the exact base directory it was trained on

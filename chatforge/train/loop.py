@@ -24,7 +24,7 @@ import torch
 
 from chatforge.config import TrainConfig
 from chatforge.manifest import Manifest
-from chatforge.train.batches import Example, collate, plan_batches, tokenize_records
+from chatforge.train.batches import Example, collate, pack_examples, plan_batches, tokenize_records
 from chatforge.train.checkpoints import latest_checkpoint, load_checkpoint, load_trainable_state, save_best, save_checkpoint
 from chatforge.train.monitor import EarlyStopper, RunMonitor
 
@@ -64,20 +64,24 @@ def read_split(data_dir: Path, name: str, limit: int | None) -> list[dict[str, A
     return records[:limit] if limit else records
 
 
-def make_plan(examples: list[Example], cfg: TrainConfig, rank: int, world: int, total_steps: int) -> StepPlan:
-    """Micro-batches for `rank` until total_steps optimizer steps, epoch after epoch (deterministic in the seed)."""
+def make_plan(examples: list[Example], cfg: TrainConfig, rank: int, world: int) -> StepPlan:
+    """Micro-batches for `rank`, epoch after epoch (deterministic in the seed), for `cfg.max_steps` optimizer steps
+    or, without it, `cfg.epochs` epochs."""
     micro_per_step = cfg.grad_accum
+    packed_rows = pack_examples(examples, cfg.max_length) if cfg.packing else None
     micro: list[list[list[int]]] = []
     step_tokens: list[int] = []
-    epoch = 0
-    while len(step_tokens) < total_steps:
-        batches = plan_batches(examples, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed, epoch)
+    total_steps, epoch = cfg.max_steps, 0
+    while total_steps is None or len(step_tokens) < total_steps:
+        batches = plan_batches(examples, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed, epoch, packed_rows)
         per_rank = len(batches) // world
         if per_rank == 0:
             raise TrainError(f"{len(batches)} batches cannot feed {world} processes; lower batch_size")
         usable = per_rank // micro_per_step * micro_per_step
         if usable == 0:
             raise TrainError(f"{per_rank} batches per process < grad_accum {micro_per_step}; lower grad_accum")
+        if total_steps is None:
+            total_steps = max(1, math.ceil(cfg.epochs * (usable // micro_per_step)))
         for start in range(0, usable, micro_per_step):
             if len(step_tokens) == total_steps:
                 break
@@ -86,12 +90,6 @@ def make_plan(examples: list[Example], cfg: TrainConfig, rank: int, world: int, 
             micro.extend(batches[(start + k) * world + rank] for k in range(micro_per_step))
         epoch += 1
     return StepPlan(micro, step_tokens, micro_per_step)
-
-
-def steps_for(examples: list[Example], cfg: TrainConfig, world: int) -> int:
-    batches = len(plan_batches(examples, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed, 0))
-    per_epoch = max(1, batches // world // cfg.grad_accum)
-    return cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
 
 
 def make_optimizer(cfg: TrainConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -107,9 +105,10 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_ste
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
 
 
-def evaluate_loss(loss_model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int, accelerator: Any) -> dict[str, float]:
-    """Val loss, perplexity and token accuracy over all val examples (sharded over processes, then summed)."""
-    batches = plan_batches(examples, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed, epoch=0)
+def evaluate_loss(
+    loss_model: Any, examples: list[Example], batches: list[list[list[int]]], cfg: TrainConfig, pad_id: int, accelerator: Any
+) -> dict[str, float]:
+    """Val loss, perplexity and token accuracy over `batches` of val examples (sharded over processes, summed)."""
     mine = batches[accelerator.process_index :: accelerator.num_processes]
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     loss_model = accelerator.unwrap_model(loss_model)  # no DDP forward: processes may hold different batch counts
@@ -154,7 +153,9 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
     val_examples = tokenize_records(read_split(data_dir, "val", cfg.max_val_examples), tokenizer, cfg.train_on, cfg.max_length)
     if not train_examples:
         raise TrainError(f"{data_dir}/train.jsonl has no example with a trained token")
-    total_steps = steps_for(train_examples, cfg, accelerator.num_processes)
+    plan = make_plan(train_examples, cfg, accelerator.process_index, accelerator.num_processes)
+    total_steps = len(plan.step_tokens)
+    val_batches = plan_batches(val_examples, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed, epoch=0)
     base_location = model_dir(cfg.model)
     say(f"base model {base_location}; {len(train_examples)} train / {len(val_examples)} val examples; {total_steps} steps")
 
@@ -165,7 +166,6 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
         model.gradient_checkpointing_enable()
     if cfg.method == "lora":
         model = apply_lora(model, cfg.lora)
-    plan = make_plan(train_examples, cfg, accelerator.process_index, accelerator.num_processes, total_steps)
     estimate = estimate_run(model, train_examples, plan.micro_batches, plan.step_tokens, cfg, accelerator.num_processes)
     say(estimate["summary"])
     if dry_run:
@@ -237,7 +237,7 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
             seconds_window, tokens_window, positions_window, steps_window = 0.0, 0, 0, 0
         monitor.show(step, f"loss {train_loss:.3f}", step % cfg.log_every == 0)
         if val_examples and (step % cfg.eval_every == 0 or step == total_steps):
-            metrics = evaluate_loss(loss_model, val_examples, cfg, pad_id, accelerator)
+            metrics = evaluate_loss(loss_model, val_examples, val_batches, cfg, pad_id, accelerator)
             last_eval_step = step
             improved, stopped_early = stopper.update(metrics["val/loss"])
             monitor.scalars(step, metrics)
