@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= train,spell,test
+EXTRAS ?= train,serve,spell,test
 STAMP := $(VENV)/.installed
 
 .PHONY: install test demo clean
