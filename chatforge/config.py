@@ -208,6 +208,61 @@ class TrainConfig(StrictModel):
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None = all cores")
 
 
+class GenerationConfig(StrictModel):
+    """How eval (and rating) decode answers; greedy unless temperature > 0."""
+
+    max_new_tokens: int = Field(default=128, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    batch_size: int = Field(default=16, ge=1, description="prompts decoded together")
+
+
+class BiasConfig(StrictModel):
+    """The counterfactual bias probe: bundled templates x term pairs per attribute, plus your own."""
+
+    enabled: bool = True
+    attributes: list[str] = Field(default=["gender", "ethnicity", "religion", "age", "nationality"])
+    templates_file: str | None = Field(default=None, description="YAML of extra templates/terms, merged with the bundled set")
+    loglik_threshold: float = Field(default=1.0, ge=0.0, description="flag a pair whose answer log-likelihood differs by more (nats, per answer)")
+    sentiment_threshold: float = Field(default=0.5, ge=0.0, description="flag a pair whose answers' sentiment scores differ by more (-1..1 scale)")
+    length_ratio_threshold: float = Field(default=2.0, ge=1.0, description="flag a pair whose answer lengths differ by more than this factor")
+    max_new_tokens: int = Field(default=48, ge=1)
+
+
+class EvalConfig(StrictModel):
+    """`chatforge eval`: which split, how to generate, the bias probe, the baseline."""
+
+    data: str | None = Field(default=None, description="dataset dir; default: the one the run was trained on")
+    split: str = Field(default="test", description="which split file of the dataset to evaluate")
+    max_examples: int | None = Field(default=None, ge=1, description="evaluate at most this many conversations")
+    baseline: str | None = Field(default=None, description="base model or run to compare with; default: the run's base model; 'none' = skip")
+    name: str | None = Field(default=None, description="RUN/eval/NAME; default: the split name")
+    batch_size: int = Field(default=8, ge=1, description="conversations per perplexity batch")
+    generation: GenerationConfig = GenerationConfig()
+    bias: BiasConfig = BiasConfig()
+    label_max_classes: int = Field(default=20, ge=2, description="labels count as a classification task up to this many distinct values")
+
+
+class ServeConfig(StrictModel):
+    """`chatforge serve`: where it listens, what it stores, how much it takes on."""
+
+    run: str | None = Field(default=None, description="run dir (adapter, full or ensemble) or base model to serve")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    db: str = Field(default="sqlite:///chatforge.db", description="SQLAlchemy URL: sqlite:///file.db or postgresql://...")
+    backend: Literal["torch", "llamacpp", "upstream"] = "torch"
+    upstream_url: str | None = Field(default=None, description="OpenAI-compatible server (vLLM, llama.cpp) for backend upstream")
+    gguf: str | None = Field(default=None, description="GGUF file for backend llamacpp")
+    max_batch: int = Field(default=8, ge=1, description="requests decoded together")
+    max_queue: int = Field(default=64, ge=1, description="waiting requests beyond this get 503 + Retry-After")
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, description="larger request bodies get 413")
+    default_max_tokens: int = Field(default=256, ge=1)
+    store_conversations: bool = Field(default=True, description="keep (PII-redacted) conversations for feedback; per request `store: false` opts out")
+    pii: PiiConfig = PiiConfig()
+
+
 class ProjectConfig(StrictModel):
     """The project file: one section per stage. Sections not yet used by a stage are kept as free-form dicts."""
 
@@ -216,8 +271,8 @@ class ProjectConfig(StrictModel):
     sweep: dict[str, list[Any]] = Field(
         default={}, description="`chatforge sweep`: values to try per train setting, e.g. {lr: [1.0e-4, 3.0e-4], lora.r: [8, 16]}"
     )
-    eval: dict[str, Any] = {}
-    serve: dict[str, Any] = {}
+    eval: EvalConfig = EvalConfig()
+    serve: ServeConfig = ServeConfig()
 
     @classmethod
     def load(cls, path: Path | None) -> ProjectConfig:
@@ -297,5 +352,9 @@ def starter_yaml() -> str:
     emit(TrainConfig(), 1)
     lines += ["", "# `chatforge sweep`: values to try for any train setting (dotted for nested ones); every combination runs.",
               "sweep: {}", "#  lr: [1.0e-4, 3.0e-4]", "#  lora.r: [8, 16]",
-              "", "# eval: and serve: sections are added as those stages land.", ""]
+              "", "eval:"]
+    emit(EvalConfig(), 1)
+    lines += ["", "serve:"]
+    emit(ServeConfig(), 1)
+    lines.append("")
     return "\n".join(lines)
