@@ -263,9 +263,17 @@ class ServeConfig(StrictModel):
     pii: PiiConfig = PiiConfig()
 
 
+class DataConfig(StrictModel):
+    """`chatforge run`: where the conversations come from and where the prepared dataset goes."""
+
+    sources: list[str] = Field(default=[], description="files or folders to prepare, e.g. [tickets.csv, feedback.jsonl]")
+    out: str = Field(default="chatforge-out/dataset", description="prepared dataset directory")
+
+
 class ProjectConfig(StrictModel):
     """The project file: one section per stage. Sections not yet used by a stage are kept as free-form dicts."""
 
+    data: DataConfig = DataConfig()
     prepare: PrepareConfig = PrepareConfig()
     train: TrainConfig = TrainConfig()
     sweep: dict[str, list[Any]] = Field(
@@ -346,7 +354,10 @@ def starter_yaml() -> str:
                 dumped = dumped.removesuffix("\n...").removesuffix("...").strip()
                 lines.append(f"{pad}{name}: {dumped}{comment}")
 
-    lines.append("prepare:")
+    lines.append("# `chatforge run`: prepare -> train -> eval (-> serve) from this file; unchanged stages are skipped.")
+    lines.append("data:")
+    emit(DataConfig(), 1)
+    lines += ["", "prepare:"]
     emit(PrepareConfig(), 1)
     lines += ["", "train:"]
     emit(TrainConfig(), 1)

@@ -1,13 +1,4 @@
-"""The `chatforge` command: a thin layer that parses flags, calls a stage and prints its summary.
-
-Use it like this::
-
-    chatforge init                                  # writes a commented chatforge.yaml
-    chatforge prepare data/ tickets.csv --out ds    # see `chatforge prepare --help`
-    chatforge demo                                  # the bundled sample, end to end
-
-Errors in the user's input print one line (`error: file:line: reason`) and exit with code 2.
-"""
+"""`chatforge init | prepare | demo | train | inspect | ensemble | sweep`: the data and training commands."""
 
 from __future__ import annotations
 
@@ -16,32 +7,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
+from chatforge.cli.common import DEFAULT_PROJECT_FILE, app, console, fail, load_project, log_line
 from chatforge.config import ConfigError, ProjectConfig, merge_overrides, parse_split, starter_yaml
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train your own ChatGPT on your own conversations.")
-console = Console(stderr=False)
-err_console = Console(stderr=True)
-USER_ERROR_EXIT = 2
-DEFAULT_PROJECT_FILE = Path("chatforge.yaml")
-
-
-def fail(message: str) -> None:
-    """Print one error line and exit 2 (bad input, never a traceback)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(USER_ERROR_EXIT)
-
-
-def load_project(config: Path | None) -> ProjectConfig:
-    """The project file given, else ./chatforge.yaml when present, else defaults."""
-    if config is None and DEFAULT_PROJECT_FILE.exists():
-        config = DEFAULT_PROJECT_FILE
-    return ProjectConfig.load(config)
-
-
-def log_line(message: str) -> None:
-    console.print(f"[dim]·[/] {message}", highlight=False)
 
 
 @app.command()

@@ -1,0 +1,73 @@
+"""`chatforge eval | compare | rate`: score runs, put them side by side, and let people rate them blind."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from chatforge.cli.common import app, console, fail, load_project, log_line
+from chatforge.config import ConfigError, merge_overrides
+
+METRIC_ORDER = ["perplexity", "token_accuracy", "bleu", "rouge1", "rouge2", "rougeL", "token_f1", "exact_match",
+                "stopped_rate", "mean_answer_tokens", "accuracy", "macro_f1", "loss"]
+
+
+@app.command("eval")
+def eval_command(
+    run: Annotated[Path, typer.Argument(help="run directory (adapter, full model or ensemble)")],
+    data: Annotated[str | None, typer.Option(help="dataset dir (default: the one the run trained on)")] = None,
+    baseline: Annotated[str | None, typer.Option(help="base model or run to compare with (default: the run's base; 'none' to skip)")] = None,
+    name: Annotated[str | None, typer.Option(help="RUN/eval/NAME (default: the split)")] = None,
+    split: Annotated[str | None, typer.Option(help="split file to evaluate (default test)")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="evaluate at most this many conversations")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="longest generated answer")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy (default)")] = None,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option(help="prompts generated together")] = None,
+    bias: Annotated[bool | None, typer.Option("--bias/--no-bias", help="run the counterfactual bias probe")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="project file (default ./chatforge.yaml)")] = None,
+) -> None:
+    """Perplexity, BLEU/ROUGE/F1, labels, a bias probe and a baseline comparison; writes RUN/eval/NAME/report.html."""
+    from chatforge.evaluate.run_eval import EvalError, evaluate_run
+
+    try:
+        cfg = merge_overrides(load_project(config).eval, {
+            "data": data, "baseline": baseline, "name": name, "split": split, "max_examples": max_examples,
+            "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
+            "generation.top_p": top_p, "generation.batch_size": batch_size, "bias.enabled": bias,
+        })
+        report = evaluate_run(run, cfg, log=log_line)
+    except (ConfigError, EvalError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    console.print(metric_table(report.metrics))
+    bias_result = report.metrics.get("bias")
+    if bias_result:
+        console.print(f"bias probe: {bias_result['flagged_pairs']} of {bias_result['total_pairs']} pairs flagged")
+    console.print(f"[bold green]report:[/] {report.report_html}", highlight=False)
+
+
+def metric_table(metrics: dict[str, Any]) -> Table:
+    """Run, baseline and delta per metric, in a fixed order."""
+    baseline = (metrics.get("baseline") or {}).get("metrics", {})
+    table = Table("metric", "run", *(["baseline", "delta"] if baseline else []))
+    run_metrics = metrics["metrics"]
+    for key in [k for k in METRIC_ORDER if k in run_metrics] + [k for k in run_metrics if k not in METRIC_ORDER]:
+        row = [key, _fmt(run_metrics[key])]
+        if baseline:
+            delta = metrics["deltas"].get(key)
+            row += [_fmt(baseline.get(key)), "" if delta is None else f"{delta:+.4g}"]
+        table.add_row(*row)
+    return table
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return escape(str(value))
