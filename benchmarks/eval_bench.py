@@ -58,7 +58,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from chatforge.models.generate import SamplingSettings, chat_prompt_ids, generate_batch
+    from chatforge.models.generate import (
+        SamplingSettings,
+        chat_prompt_ids,
+        generate_batch,
+    )
     from chatforge.models.run import load_run
 
     model_spec = args.model

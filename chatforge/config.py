@@ -206,6 +206,7 @@ class TrainConfig(StrictModel):
     loss_chunk: int | None = Field(default=None, ge=16, description="positions per LM-head chunk; None = ~128 MB of logits")
     gradient_checkpointing: bool = False
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None = all cores")
+    max_minutes: float | None = Field(default=None, gt=0, description="stop training (and export) after this much step time")
 
 
 class GenerationConfig(StrictModel):

@@ -71,3 +71,59 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
     return escape(str(value))
+
+
+@app.command("compare")
+def compare_command(
+    paths: Annotated[list[Path], typer.Argument(help="run dirs (their newest eval) or eval dirs (RUN/eval/NAME)")],
+    out: Annotated[Path | None, typer.Option(help="write compare.md, compare.json and compare.png here")] = None,
+    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="add each eval's baseline as a row")] = True,
+) -> None:
+    """The metrics of several runs/ensembles (and their baselines) in one table and one plot."""
+    from chatforge.evaluate.compare import compare
+
+    try:
+        result = compare(paths, out, baselines=baselines)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    console.print(result.table())
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    if out:
+        console.print(f"[bold green]wrote[/] {out}/compare.md, compare.json, compare.png", highlight=False)
+
+
+@app.command("rate")
+def rate_command(
+    run_a: Annotated[str | None, typer.Argument(help="first run (A)")] = None,
+    run_b: Annotated[str | None, typer.Argument(help="second run (B)")] = None,
+    data: Annotated[Path | None, typer.Option(help="dataset dir whose split supplies the prompts")] = None,
+    results: Annotated[bool, typer.Option("--results", help="print win/tie/loss with 95 % intervals instead of serving")] = False,
+    db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the project database (default serve.db)")] = None,
+    split: Annotated[str, typer.Option(help="split file of the dataset")] = "test",
+    max_items: Annotated[int | None, typer.Option(help="rate at most this many prompts")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="project file (default ./chatforge.yaml)")] = None,
+) -> None:
+    """Blind A/B rating by people: a page on localhost shows a prompt and both runs' answers in random order."""
+    from chatforge.evaluate.rating import (
+        build_rating_study,
+        format_results,
+        rating_results,
+    )
+    from chatforge.evaluate.rating_app import serve_rating
+
+    try:
+        project = load_project(config)
+        db_url = db or project.serve.db
+        if results:
+            console.print(format_results(rating_results(db_url, run_a, run_b)), highlight=False, markup=False)
+            return
+        if not (run_a and run_b and data):
+            fail("rate needs RUN_A RUN_B --data DATASET_DIR (or --results)")
+        study = build_rating_study(run_a, run_b, data, db_url=db_url, split=split, max_items=max_items,
+                                   generation=project.eval.generation, log=log_line)
+    except (ConfigError, LookupError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    serve_rating(db_url, study.id, host=host, port=port, log=log_line)

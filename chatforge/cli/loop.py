@@ -1,4 +1,4 @@
-"""`chatforge run | lineage`: the whole loop from one project file, and where a run came from."""
+"""`chatforge demo | run | lineage`: the whole loop on the sample or from one project file, and where a run came from."""
 
 from __future__ import annotations
 
@@ -6,9 +6,72 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from chatforge.cli.common import DEFAULT_PROJECT_FILE, app, console, fail, load_project, log_line
+from chatforge.cli.common import (
+    DEFAULT_PROJECT_FILE,
+    app,
+    console,
+    fail,
+    load_project,
+    log_line,
+)
 from chatforge.config import ConfigError
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="where the demo writes its project and outputs")] = Path("demo-out"),
+    fast: Annotated[bool, typer.Option("--fast", envvar="DEMO_FAST", help="a tiny model trained from scratch (~2 min) instead of Gemma 3 270M")] = False,
+    minutes: Annotated[float | None, typer.Option(help="training time budget (default 5, or 1 with --fast)")] = None,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="serve the result at the end")] = True,
+    check: Annotated[bool, typer.Option("--check", help="serve, answer one chat request with the new key, then stop (for CI)")] = False,
+    port: Annotated[int | None, typer.Option(help="port to serve on (default 8000)")] = None,
+) -> None:
+    """The whole loop on the bundled sample: prepare -> fine-tune -> evaluate against the base -> serve."""
+    from chatforge.demo import write_demo_project
+    from chatforge.evaluate.run_eval import EvalError
+    from chatforge.pipeline import PipelineError, run_project
+    from chatforge.train.loop import TrainError
+
+    budget = minutes if minutes is not None else (1.0 if fast else 5.0)
+    console.rule(f"chatforge demo ({'tiny model, fast' if fast else 'Gemma 3 270M + LoRA'})")
+    try:
+        project_file = write_demo_project(out, fast, budget, log=log_line)
+        project = load_project(project_file)
+        outcomes = run_project(project, base_dir=project_file.parent, log=log_line)
+    except (ConfigError, PipelineError, TrainError, EvalError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    dataset_dir = next(o.out_dir for o in outcomes if o.stage == "prepare")
+    run_dir = next(o.out_dir for o in outcomes if o.stage == "train")
+    eval_dir = next(o.out_dir for o in outcomes if o.stage == "eval")
+    print_demo_summary(dataset_dir, run_dir, eval_dir)
+    console.print(f"project file: {project_file}  (rerun with `chatforge run {project_file}`)", highlight=False)
+    if serve or check:
+        from chatforge.cli.serve import serve_run
+
+        serve_cfg = project.serve if port is None else project.serve.model_copy(update={"port": port})
+        serve_run(str(run_dir), serve_cfg, demo_key=True, check=check)
+
+
+def print_demo_summary(dataset_dir: Path, run_dir: Path, eval_dir: Path) -> None:
+    """The card's headline, the metric table with deltas, and where the report is."""
+    import json
+
+    from chatforge.cli.evaluate import metric_table
+    from chatforge.data.card import summary_lines
+
+    card = json.loads((dataset_dir / "card.json").read_text(encoding="utf-8"))
+    console.rule("dataset")
+    for line in summary_lines(card):
+        console.print(f"  {line}", highlight=False)
+    metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
+    console.rule("fine-tuned vs base")
+    console.print(metric_table(metrics))
+    bias = metrics.get("bias")
+    if bias:
+        console.print(f"bias probe: {bias['flagged_pairs']} of {bias['total_pairs']} counterfactual pairs flagged")
+    console.print(f"[bold green]report:[/] {escape(str(eval_dir / 'report.html'))}", highlight=False)
 
 
 @app.command("run")

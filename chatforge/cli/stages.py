@@ -8,8 +8,20 @@ from typing import Annotated, Any
 
 import typer
 
-from chatforge.cli.common import DEFAULT_PROJECT_FILE, app, console, fail, load_project, log_line
-from chatforge.config import ConfigError, ProjectConfig, merge_overrides, parse_split, starter_yaml
+from chatforge.cli.common import (
+    DEFAULT_PROJECT_FILE,
+    app,
+    console,
+    fail,
+    load_project,
+    log_line,
+)
+from chatforge.config import (
+    ConfigError,
+    merge_overrides,
+    parse_split,
+    starter_yaml,
+)
 
 
 @app.command()
@@ -49,7 +61,8 @@ def prepare(
     """Clean, redact, deduplicate, fit, balance and split conversations into a dataset with a data card."""
     from chatforge.data.card import summary_lines
     from chatforge.data.formats import InputError
-    from chatforge.data.prepare import StrictModeError, prepare as run_prepare
+    from chatforge.data.prepare import StrictModeError
+    from chatforge.data.prepare import prepare as run_prepare
 
     try:
         project = load_project(config)
@@ -66,24 +79,6 @@ def prepare(
     except (ConfigError, InputError, StrictModeError, ValueError) as exc:  # ValueError: a bad --split or --model
         fail(str(exc))
     console.print(f"[bold green]dataset ready:[/] {report.out_dir}  (card: {report.out_dir / 'card.md'})")
-    for line in summary_lines(report.card):
-        console.print(f"  {line}", highlight=False)
-
-
-@app.command()
-def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="where the demo writes its outputs")] = Path("demo-out"),
-) -> None:
-    """The bundled sample end to end: the English chatterbot corpus -> a prepared dataset and its card."""
-    from chatforge.data.card import summary_lines
-    from chatforge.data.prepare import prepare as run_prepare
-    from chatforge.demo import demo_inputs
-
-    cfg = ProjectConfig().prepare
-    console.rule("chatforge demo: prepare the sample conversations")
-    report = run_prepare(demo_inputs(), out / "dataset", cfg, log=log_line)
-    console.print(f"[bold green]dataset ready:[/] {report.out_dir}")
-    console.print((report.out_dir / "card.md").read_text(encoding="utf-8"), highlight=False, markup=False)
     for line in summary_lines(report.card):
         console.print(f"  {line}", highlight=False)
 

@@ -33,7 +33,13 @@ from chatforge.evaluate.likelihood import masked_likelihood
 from chatforge.evaluate.metrics import text_scores
 from chatforge.manifest import Manifest
 from chatforge.models.generate import SamplingSettings, chat_prompt_ids, generate_batch
-from chatforge.models.run import LoadedRun, find_run, load_run, read_ensemble_spec, stop_token_ids
+from chatforge.models.run import (
+    LoadedRun,
+    find_run,
+    load_run,
+    read_ensemble_spec,
+    stop_token_ids,
+)
 from chatforge.train.batches import tokenize_records
 
 Log = Callable[[str], None]
@@ -62,8 +68,9 @@ class EvalItem:
     record: dict[str, Any]
 
 
-def evaluate_run(run: Path | str, cfg: EvalConfig = EvalConfig(), log: Log = print) -> EvalReport:
+def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = print) -> EvalReport:
     """Run the eval stage (see the module docstring); writes RUN/eval/NAME/."""
+    cfg = cfg or EvalConfig()
     files = find_run(run)
     if files is None or files.run_dir is None:
         raise EvalError(f"{run}: not a chatforge run directory (no model/ or ensemble.json)")

@@ -216,10 +216,12 @@ def _generator(seed: int | None) -> torch.Generator:
 def generate_batch(
     loaded: LoadedRun,
     prompts: Sequence[Sequence[int]],
-    settings: SamplingSettings | Sequence[SamplingSettings] = SamplingSettings(),
+    settings: SamplingSettings | Sequence[SamplingSettings] | None = None,
     batch_size: int = 16,
 ) -> list[Generation]:
-    """Decode every prompt to the end, `batch_size` at a time (prompts of similar length together); prompt order."""
+    """Decode every prompt to the end, `batch_size` at a time (prompts of similar length together); prompt order.
+    `settings`: one for all prompts or one per prompt; None = greedy with the defaults."""
+    settings = settings or SamplingSettings()
     per_prompt = [settings] * len(prompts) if isinstance(settings, SamplingSettings) else list(settings)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)

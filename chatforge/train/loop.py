@@ -24,8 +24,20 @@ import torch
 
 from chatforge.config import TrainConfig
 from chatforge.manifest import Manifest
-from chatforge.train.batches import Example, collate, pack_examples, plan_batches, tokenize_records
-from chatforge.train.checkpoints import latest_checkpoint, load_checkpoint, load_trainable_state, save_best, save_checkpoint
+from chatforge.train.batches import (
+    Example,
+    collate,
+    pack_examples,
+    plan_batches,
+    tokenize_records,
+)
+from chatforge.train.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainable_state,
+    save_best,
+    save_checkpoint,
+)
 from chatforge.train.monitor import EarlyStopper, RunMonitor
 
 Log = Callable[[str], None]
@@ -195,6 +207,7 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
     stopper = EarlyStopper(cfg.early_stopping.patience, cfg.early_stopping.min_delta, state["best_val_loss"], state["bad_evals"])
     world = accelerator.num_processes
     step, stopped_early, last_eval_step = start_step, False, None
+    training_seconds = 0.0  # steps and evaluations, for max_minutes
     # Rates count step time only (not evaluation or checkpoint writing), over the steps since the last log line.
     seconds_window, tokens_window, positions_window, steps_window = 0.0, 0, 0, 0
     loss_model.train()
@@ -248,6 +261,11 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
             if stopped_early:
                 say(f"early stopping: no val-loss improvement > {cfg.early_stopping.min_delta} in "
                     f"{stopper.bad_evals} evaluations")
+        training_seconds += time.perf_counter() - step_started
+        if cfg.max_minutes and step < total_steps and not stopped_early and _all_agree(
+                accelerator, training_seconds > cfg.max_minutes * 60):
+            say(f"time budget: {cfg.max_minutes:g} min of training used at step {step} of {total_steps}; stopping")
+            stopped_early = True
         if step % cfg.save_every == 0 or step == total_steps or stopped_early:
             state |= {"cursor": step * plan.micro_per_step, "best_val_loss": stopper.best, "bad_evals": stopper.bad_evals}
             if is_main:
@@ -264,3 +282,10 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
     accelerator.end_training()
     return TrainReport(run_dir, step, stopper.best, stopped_early, estimate, final)
 
+
+
+def _all_agree(accelerator: Any, flag: bool) -> bool:
+    """True when `flag` is true on any process, so every process stops at the same step."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="max").item())
