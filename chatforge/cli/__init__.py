@@ -13,7 +13,7 @@ registers its commands on the one typer `app`.
 """
 
 from chatforge.cli import stages  # noqa: F401, I001  (importing registers the commands, in help order)
-from chatforge.cli import evaluate, loop  # noqa: F401
+from chatforge.cli import evaluate, loop, serve  # noqa: F401
 from chatforge.cli.common import app
 
 __all__ = ["app"]

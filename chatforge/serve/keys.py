@@ -1,0 +1,131 @@
+"""API key secrets: how they look, how they are hashed and checked, and the short-lived cache of checked keys.
+
+The store (`chatforge.serve.store.Store`) calls these; you rarely need them directly::
+
+    key_id = new_key_id()                       # 'k_3f9a2c1d': public, the key's visible prefix and row id
+    secret = new_secret(key_id)                 # 'cf-k_3f9a2c1d-<32 urlsafe chars>': shown once, never stored
+    salt = new_salt()
+    stored = hash_secret(secret, salt)          # what the api_keys row keeps, next to the salt
+    key_id_of(secret)                           # 'k_3f9a2c1d', or None when the secret is malformed
+    secret_matches(secret, salt, stored)        # True; constant-time comparison
+
+The hash is scrypt (n=2**14, r=8, p=1: ~16 MiB and tens of milliseconds per check, on purpose), so a stolen
+database gives no usable keys. Because each check is slow, the server keeps verified keys for `AuthCache.ttl_s`
+seconds in memory, under the sha256 of the secret (never the secret itself); revoking through the same Store
+drops the entry at once, revoking from another process (the CLI) takes effect within the TTL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
+
+SCOPES = frozenset({"chat", "feedback", "admin"})
+SECRET_PREFIX = "cf-"
+_SECRET_PATTERN = re.compile(r"cf-(k_[0-9a-f]{8})-[A-Za-z0-9_-]{32}")
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+
+Cached = TypeVar("Cached")
+
+
+def new_key_id() -> str:
+    """A fresh public key id: 'k_' and 8 random hex digits."""
+    return "k_" + secrets.token_hex(4)
+
+
+def new_secret(key_id: str) -> str:
+    """The secret a client sends as `Authorization: Bearer <secret>`; 192 random bits after the id."""
+    return f"{SECRET_PREFIX}{key_id}-{secrets.token_urlsafe(24)}"
+
+
+def key_id_of(secret: object) -> str | None:
+    """The key id embedded in a well-formed secret, or None for anything else (wrong shape, type or length)."""
+    if not isinstance(secret, str):
+        return None
+    match = _SECRET_PATTERN.fullmatch(secret)
+    return match.group(1) if match else None
+
+
+def new_salt() -> bytes:
+    return secrets.token_bytes(16)
+
+
+def hash_secret(secret: str, salt: bytes) -> bytes:
+    """scrypt of the secret under its per-key salt (32 bytes)."""
+    return hashlib.scrypt(secret.encode(), salt=salt, **_SCRYPT)
+
+
+def secret_matches(secret: str, salt: bytes, stored_hash: bytes) -> bool:
+    return hmac.compare_digest(hash_secret(secret, salt), stored_hash)
+
+
+def secret_digest(secret: str) -> str:
+    """Fast sha256 of a secret: the in-memory cache key, so not even the cache holds a secret in clear."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def checked_scopes(scopes: Iterable[str]) -> frozenset[str]:
+    """The scopes as a frozenset; ValueError naming unknown ones, or when none are given."""
+    if isinstance(scopes, str):  # "chat,feedback" from a CLI flag
+        scopes = [scope.strip() for scope in scopes.split(",") if scope.strip()]
+    chosen = frozenset(scopes)
+    unknown = sorted(chosen - SCOPES)
+    if unknown:
+        raise ValueError(f"unknown scope(s) {unknown}; known: {sorted(SCOPES)}")
+    if not chosen:
+        raise ValueError(f"a key needs at least one scope out of {sorted(SCOPES)}")
+    return chosen
+
+
+class AuthCache(Generic[Cached]):
+    """Verified keys by secret digest, for `ttl_s` seconds, at most `max_entries` (least recently used go first).
+
+        cache = AuthCache(ttl_s=30.0)
+        cache.put(secret_digest(secret), key.id, key)
+        cache.get(secret_digest(secret))     # the key, until 30 s have passed or cache.drop(key.id)
+
+    Thread-safe; `clock` is injectable for tests. ttl_s=0 turns caching off.
+    """
+
+    def __init__(self, ttl_s: float = 30.0, max_entries: int = 4096,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s, self.max_entries, self.clock = ttl_s, max_entries, clock
+        self._entries: OrderedDict[str, tuple[float, str, Cached]] = OrderedDict()
+        self._dropped: set[str] = set()  # revoked ids: a check that raced the revoke must not cache the key again
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Cached | None:
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                return None
+            if entry[0] <= self.clock():
+                del self._entries[digest]
+                return None
+            self._entries.move_to_end(digest)
+            return entry[2]
+
+    def put(self, digest: str, key_id: str, value: Cached) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            if key_id in self._dropped:
+                return
+            self._entries[digest] = (self.clock() + self.ttl_s, key_id, value)
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def drop(self, key_id: str) -> None:
+        """Forget every cached secret of this key (after a revoke)."""
+        with self._lock:
+            self._dropped.add(key_id)
+            for digest in [d for d, (_, cached_id, _) in self._entries.items() if cached_id == key_id]:
+                del self._entries[digest]
