@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny tokenizers and models built once per test session (seconds, no network)."""
+"""Shared fixtures: tiny tokenizers and models built once per test session (seconds, no network), and the
+PostgreSQL fixtures of tests/serve/postgres.py (`postgres_server`, `database_url`) for every test module."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+pytest_plugins = ["tests.serve.postgres"]  # fixtures postgres_server, database_url (SQLite, then PostgreSQL)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
-from chatforge.evaluate.rating import (
+from chatforge.evaluate.rating_store import (
     DEFAULT_DB_URL,
     MAX_RATER_CHARS,
     AlreadyRatedError,

@@ -18,22 +18,19 @@ conversations, feedback (which points at its conversation by completion_id).
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Self
 
 import sqlalchemy as sa
-from sqlalchemy import Dialect, create_engine, event, select, text
-from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy import Dialect, select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.pool import StaticPool
 
 from chatforge.config import PiiConfig
 from chatforge.data.pii import Redactor
+from chatforge.db import DatabaseURLError, engine_for
 from chatforge.serve import keys
 
 
@@ -161,7 +158,10 @@ class Store:
 
     def __init__(self, url: str = "sqlite:///chatforge.db", pii: PiiConfig | None = None,
                  auth_cache_s: float = 30.0) -> None:
-        self._engine = _engine_for(url)
+        try:
+            self._engine = engine_for(url)
+        except DatabaseURLError as exc:  # not a URL, not SQLite/PostgreSQL, or no driver
+            raise StoreError(str(exc)) from None
         self.url = self._engine.url.render_as_string(hide_password=True)
         try:
             Base.metadata.create_all(self._engine)
@@ -299,7 +299,7 @@ class Store:
         if value is None:
             return None
         if not isinstance(value, str):
-            raise ValueError(f"{label} must be text, got {type(value).__name__}")
+            raise ValueError(f"{label} must be text, got {type(value).__name__}")  # noqa: TRY004  (bad request data)
         return self._redactor.redact(value)[0] if value.strip() else None
 
     def feedback_rows(self) -> list[dict[str, Any]]:
@@ -347,56 +347,14 @@ def _chat_messages(messages: list[Any], completion_id: str) -> list[dict[str, st
         if hasattr(message, "model_dump"):
             message = message.model_dump(exclude_none=True)
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ValueError(f"completion {completion_id!r}: message {position} needs a 'role' string")
+            raise ValueError(f"completion {completion_id!r}: message {position} needs a 'role' string")  # noqa: TRY004  (bad request data)
         content = message.get("content")
         if isinstance(content, list):  # OpenAI content parts: the text parts are the message
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
         if not isinstance(content, str):
-            raise ValueError(f"completion {completion_id!r}: message {position} has no text content")
+            raise ValueError(f"completion {completion_id!r}: message {position} has no text content")  # noqa: TRY004  (bad request data)
         entry = {"role": message["role"], "content": content}
         if isinstance(message.get("name"), str):
             entry["name"] = message["name"]
         plain.append(entry)
     return plain
-
-
-def _engine_for(url: str) -> Engine:
-    """An engine for a SQLite or PostgreSQL URL; StoreError for anything else."""
-    try:
-        parsed: URL = make_url(url)
-    except ArgumentError:
-        shown = url.rpartition("@")[2] if isinstance(url, str) else repr(url)  # never echo a password
-        raise StoreError(f"database URL {shown!r} is not a URL; use sqlite:///file.db or "
-                         "postgresql://user:password@host/database") from None
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we install
-    backend = parsed.get_backend_name()
-    shown = parsed.render_as_string(hide_password=True)
-    try:
-        if backend == "sqlite":
-            return _sqlite_engine(parsed)
-        if backend == "postgresql":
-            return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
-    except ImportError as exc:
-        raise StoreError(f"database {shown}: its driver is not installed ({exc}); PostgreSQL uses psycopg "
-                         "(pip install 'psycopg[binary]')") from None
-    raise StoreError(f"database {shown}: only sqlite:///file.db and postgresql://... are supported")
-
-
-def _sqlite_engine(parsed: URL) -> Engine:
-    if not parsed.database or parsed.database == ":memory:":  # one shared connection, or each thread sees its own db
-        engine = create_engine(parsed, connect_args={"check_same_thread": False}, poolclass=StaticPool)
-    else:
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30},
-                               pool_size=8, max_overflow=16)
-    event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
-
-
-def _sqlite_pragmas(connection: sqlite3.Connection, _record: object) -> None:
-    cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers do not wait for the writer
-    cursor.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across crashes of the process
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()

@@ -16,9 +16,6 @@ import uvicorn
 from chatforge.config import GenerationConfig
 from chatforge.evaluate import rating
 from chatforge.evaluate.rating import (
-    AlreadyRatedError,
-    RatingStore,
-    UnknownItemError,
     build_rating_study,
     format_results,
     rating_results,
@@ -26,9 +23,13 @@ from chatforge.evaluate.rating import (
     wilson_interval,
 )
 from chatforge.evaluate.rating_app import create_rating_app
+from chatforge.evaluate.rating_store import (
+    AlreadyRatedError,
+    RatingStore,
+    UnknownItemError,
+)
 from tests.browser import chromium_page
 from tests.models.test_run import prepared_dataset, tiny_run
-from tests.serve.postgres import database_url, postgres_server  # noqa: F401  (fixtures)
 
 GENERATION = GenerationConfig(max_new_tokens=12)
 
@@ -241,7 +242,7 @@ def test_answer_order_varies_but_each_pick_is_credited_to_the_run_shown_there(
     assert results["a_wins"]["count"] == expected.count("a") and results["ties"]["count"] == 0
 
 
-def test_store_keeps_studies_items_and_ratings_on_sqlite_and_postgresql(database_url: str) -> None:  # noqa: F811
+def test_store_keeps_studies_items_and_ratings_on_sqlite_and_postgresql(database_url: str) -> None:
     store = RatingStore(database_url)
     study = store.create_study("runs/a", "runs/b", "data/ds", "test")
     prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo ✓"}]

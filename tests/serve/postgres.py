@@ -1,8 +1,6 @@
 """A real, throwaway PostgreSQL server for the store tests (Debian's `postgresql` package, started in a temp dir).
 
-Use it in a test module::
-
-    from tests.serve.postgres import database_url, postgres_server  # noqa: F401  (fixtures)
+Its fixtures are registered for every test by `pytest_plugins = ["tests.serve.postgres"]` in tests/conftest.py::
 
     def test_something(postgres_server: PostgresServer) -> None:
         url = postgres_server.new_database()              # 'postgresql://postgres@127.0.0.1:PORT/test_3', empty

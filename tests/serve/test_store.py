@@ -14,7 +14,6 @@ from sqlalchemy import create_engine, inspect, text
 
 from chatforge.serve.keys import secret_digest
 from chatforge.serve.store import RequestRecord, Store, StoreError
-from tests.serve.postgres import database_url, postgres_server  # noqa: F401  (fixtures)
 
 EMAIL, PHONE = "ana.lima@example.com", "+44 20 7946 0958"
 
