@@ -74,7 +74,11 @@ def serve_run(run: str, cfg: ServeConfig, demo_key: bool = False, check: bool = 
         application = create_app(cfg, store)
     except (StoreError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
-    server = uvicorn.Server(uvicorn.Config(application, host=cfg.host, port=cfg.port, log_level="warning"))
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the JSON access lines of chatforge.serve.access
+    server = uvicorn.Server(uvicorn.Config(application, host=cfg.host, port=cfg.port, log_level="warning",
+                                           access_log=False))
     base = f"http://{cfg.host}:{cfg.port}"
     if secret:
         print_usage(base, secret)

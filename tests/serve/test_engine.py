@@ -1,0 +1,140 @@
+"""The torch engine: requests sent together decode in one batch with the answers they get alone, text comes out in
+settled pieces (no half characters, no half stop strings), and timeouts, cancels and shutdown free the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from chatforge.models.generate import SamplingSettings, chat_prompt_ids, generate_batch
+from chatforge.models.run import LoadedRun
+from chatforge.serve.engine import Delta, IncrementalText, ServeUnavailable, TorchEngine
+from tests.serve.conftest import gated
+
+QUESTIONS = ["How do I reset my password?", "Do you ship internationally?", "hi", "Tell me a short joke."]
+
+
+def prompt_of(loaded: LoadedRun, question: str) -> list[int]:
+    return chat_prompt_ids(loaded.tokenizer, [{"role": "user", "content": question}])
+
+
+async def collect(deltas: AsyncIterator[Delta]) -> tuple[list[str], Delta]:
+    pieces = []
+    async for delta in deltas:
+        pieces.append(delta.text)
+        if delta.finish_reason is not None:
+            return pieces, delta
+    raise AssertionError("the stream ended without a finish reason")
+
+
+def run_with_engine(engine: TorchEngine, scenario: Callable[[TorchEngine], Any]) -> Any:
+    engine.start()
+    try:
+        return asyncio.run(scenario(engine))
+    finally:
+        engine.stop()
+
+
+def test_requests_sent_together_decode_in_one_batch_with_their_solo_answers(served_model: LoadedRun) -> None:
+    batch_sizes: list[int] = []
+    engine = TorchEngine(served_model, max_batch=8, max_queue=8, on_batch=batch_sizes.append)
+    settings = SamplingSettings(max_new_tokens=10)  # greedy: the same tokens batched or alone
+    prompts = [prompt_of(served_model, q) for q in QUESTIONS]
+
+    async def scenario(engine: TorchEngine) -> list[tuple[list[str], Delta]]:
+        return await asyncio.gather(*(collect(engine.stream(p, settings)) for p in prompts))
+
+    outcomes = run_with_engine(engine, scenario)
+    assert batch_sizes == [len(QUESTIONS)] and engine.stats.largest_batch == len(QUESTIONS)
+    for prompt, (pieces, last) in zip(prompts, outcomes):
+        alone = generate_batch(served_model, [prompt], settings)[0]
+        assert "".join(pieces) == alone.text
+        assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == (
+            alone.finish_reason, len(prompt), len(alone.token_ids))
+    assert engine.stats.completed == len(QUESTIONS) and engine.stats.tokens_out == sum(
+        o[1].completion_tokens for o in outcomes)
+
+
+def test_incremental_text_holds_back_half_characters(served_model: LoadedRun) -> None:
+    tokenizer = served_model.tokenizer
+    text = "Café au lait ☕ costs 3 € 😀 today"
+    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    assert "\ufffd" in "".join(tokenizer.decode([t]) for t in token_ids)  # some tokens hold half a character
+    incremental = IncrementalText(tokenizer)
+    pieces = [incremental.update(token_ids[:end]) for end in range(1, len(token_ids) + 1)]
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) + incremental.finish(text) == text
+
+
+def test_incremental_text_never_shows_the_start_of_a_stop_string(served_model: LoadedRun) -> None:
+    tokenizer = served_model.tokenizer
+    token_ids = tokenizer.encode("Sure thing. User: next question", add_special_tokens=False)
+    incremental = IncrementalText(tokenizer, stop=["User:"])
+    shown = ""
+    for end in range(1, len(token_ids) + 1):
+        shown += incremental.update(token_ids[:end])
+        if "User:" in tokenizer.decode(token_ids[:end]):
+            break  # here DecodeBatch ends the row and the text is cut at the stop string
+        assert not shown.endswith(("U", "Us", "Use", "User"))
+    assert shown + incremental.finish("Sure thing. ") == "Sure thing. "
+
+
+def test_a_request_past_its_timeout_gets_503_and_leaves_the_queue(served_model: LoadedRun) -> None:
+    gate = threading.Event()
+    engine = TorchEngine(gated(served_model, gate), max_batch=1, max_queue=4, request_timeout_s=0.3)
+
+    async def scenario(engine: TorchEngine) -> None:
+        prompt = prompt_of(served_model, "hi")
+        stuck, waiting = engine.stream(prompt, SamplingSettings(max_new_tokens=3)), engine.stream(
+            prompt, SamplingSettings(max_new_tokens=3))
+        for deltas in (stuck, waiting):  # one is stuck in its first step, one waits behind it
+            with pytest.raises(ServeUnavailable) as caught:
+                await anext(deltas)
+            assert caught.value.code == "timeout" and caught.value.retry_after_s >= 1
+        assert engine.queue_depth == 0 and engine.stats.timed_out == 2
+        gate.set()
+
+    try:
+        run_with_engine(engine, scenario)
+    finally:
+        gate.set()
+
+
+def test_a_cancelled_waiting_request_leaves_the_queue_at_once(served_model: LoadedRun) -> None:
+    gate = threading.Event()
+    engine = TorchEngine(gated(served_model, gate), max_batch=1, max_queue=1)
+
+    async def scenario(engine: TorchEngine) -> None:
+        prompt = prompt_of(served_model, "hi")
+        first = engine.submit(prompt, SamplingSettings(max_new_tokens=2))
+        while engine.stats.batches == 0:
+            await asyncio.sleep(0.005)
+        second = engine.submit(prompt, SamplingSettings(max_new_tokens=2))
+        assert engine.queue_depth == 1
+        engine.cancel(second)
+        assert engine.queue_depth == 0 and engine.stats.cancelled == 1
+        engine.submit(prompt, SamplingSettings(max_new_tokens=2))  # the freed slot takes a new request
+        gate.set()
+        while not first.finished:
+            await asyncio.sleep(0.005)
+
+    try:
+        run_with_engine(engine, scenario)
+    finally:
+        gate.set()
+
+
+def test_stopping_the_engine_ends_waiting_requests_with_503(served_model: LoadedRun) -> None:
+    engine = TorchEngine(served_model, max_batch=1, max_queue=4)
+
+    async def scenario(engine: TorchEngine) -> None:
+        engine.stop()
+        with pytest.raises(ServeUnavailable) as caught:
+            await anext(engine.stream(prompt_of(served_model, "hi"), SamplingSettings(max_new_tokens=2)))
+        assert caught.value.code == "shutting_down"
+
+    run_with_engine(engine, scenario)
