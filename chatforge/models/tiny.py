@@ -251,3 +251,26 @@ def build_tiny_llama(out_dir: Path, tokenizer_dir: Path, hidden: int = 64, layer
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def build_tiny_gemma3(out_dir: Path, tokenizer_dir: Path, hidden: int = 64, seed: int = 0) -> Path:
+    """A random-init 6-layer Gemma3ForCausalLM (five sliding-window layers, then one full: Gemma 3's pattern, and
+    head_dim 256, both of which GGUF readers assume) sized to the tokenizer —
+    with the real Gemma tokenizer, a stand-in for the default model that tools made for Gemma accept."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=6,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"], num_attention_heads=2, num_key_value_heads=1,
+        head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=1024, sliding_window=64,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,154 @@
+"""`chatforge export`: a run as a plain Hugging Face model directory, or as one GGUF file for llama.cpp / Ollama.
+
+Use it like this::
+
+    export_hf("runs/r1", Path("exports/r1-hf"))                  # adapter merged into its base, chat template included
+    export_gguf("runs/r1", Path("exports/r1.gguf"), quant="q8_0")   # f16 | q8_0 | f32; chat template embedded
+
+The GGUF conversion is llama.cpp's own `convert_hf_to_gguf.py`, taken from the llama-cpp-python source package
+(pinned below) the first time it is needed: `pip download` fetches the sdist from PyPI into
+~/.cache/chatforge/llama.cpp/ and only the converter and its `gguf-py` are unpacked. No compiler is involved; the
+llama-cpp-python extra (which compiles for minutes) is needed only to *run* the GGUF, not to make it.
+
+Each export writes a manifest.json next to its output and records itself under RUN/exports/NAME/manifest.json,
+so `chatforge lineage RUN` lists it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from chatforge.manifest import MANIFEST_NAME, Manifest
+from chatforge.models.run import find_run, load_run, stop_token_ids
+from chatforge.models.source import cache_root
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+GGUF_QUANTS = ("f16", "q8_0", "f32")
+
+
+class ExportError(ValueError):
+    """The run cannot be exported as asked (not a run, an ensemble to GGUF, a failed conversion)."""
+
+
+def export_hf(run: Path | str, out_dir: Path) -> Path:
+    """Save the run's model (adapter merged) + tokenizer with its chat template under out_dir; return out_dir."""
+    files = _single_model_run(run)
+    manifest = Manifest.start("export", config={"format": "hf", "run": str(files.run_dir.resolve())})
+    _save_hf(files, out_dir, manifest)
+    manifest.extra["format"] = "hf"
+    manifest.outputs = {"model": str(out_dir.resolve())}
+    _record(manifest, files.run_dir, out_dir)
+    return out_dir
+
+
+def _single_model_run(run: Path | str) -> Any:
+    files = find_run(run)
+    if files is None or files.run_dir is None:
+        raise ExportError(f"{run}: not a chatforge run directory (no model/ or ensemble.json)")
+    if files.kind == "ensemble":
+        raise ExportError(f"{run}: a probability ensemble is several models; export a --soup ensemble or one member")
+    return files
+
+
+def _save_hf(files: Any, out_dir: Path, manifest: Manifest) -> None:
+    if (files.run_dir / MANIFEST_NAME).is_file():
+        manifest.add_input(files.run_dir / MANIFEST_NAME, role="run")
+    with manifest.timed("load_merge"):
+        loaded = load_run(files.run_dir)
+    model = loaded.model
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = stop_token_ids(loaded.tokenizer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with manifest.timed("save"):
+        model.save_pretrained(out_dir)
+        loaded.tokenizer.save_pretrained(out_dir)
+
+
+def export_gguf(run: Path | str, out_file: Path, quant: str = "q8_0") -> Path:
+    """Convert the run to one GGUF file (see the module docstring); return its path."""
+    if quant not in GGUF_QUANTS:
+        raise ExportError(f"--quant {quant}: choose one of {', '.join(GGUF_QUANTS)}")
+    files = _single_model_run(run)
+    converter = llama_cpp_converter()
+    manifest = Manifest.start("export", config={"format": "gguf", "quant": quant, "run": str(files.run_dir.resolve()),
+                                                "converter": f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}"})
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="chatforge-export-") as tmp:
+        hf_dir = Path(tmp) / "hf"
+        _save_hf(files, hf_dir, manifest)
+        with manifest.timed("convert"):
+            result = subprocess.run(
+                [sys.executable, str(converter), str(hf_dir), "--outfile", str(out_file), "--outtype", quant],
+                env={**_clean_env(), "PYTHONPATH": str(converter.parent / "gguf-py")},
+                capture_output=True, text=True, check=False,
+            )
+    if result.returncode != 0 or not out_file.is_file():
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
+        raise ExportError(f"GGUF conversion of {files.run_dir} failed (llama.cpp convert_hf_to_gguf.py):\n{tail}")
+    template = gguf_chat_template(out_file)
+    if not template:
+        raise ExportError(f"{out_file}: the converter wrote no tokenizer.chat_template; the run's tokenizer has none?")
+    manifest.extra["format"] = "gguf"
+    manifest.outputs = {"gguf": str(out_file.resolve()), "bytes": out_file.stat().st_size}
+    _record(manifest, files.run_dir, out_file.parent, name=out_file.stem)
+    return out_file
+
+
+def gguf_chat_template(path: Path) -> str | None:
+    """The chat template embedded in a GGUF file (tokenizer.chat_template), or None."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.chat_template")
+    if field is None:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def llama_cpp_converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py with its gguf-py, unpacked once from the pinned llama-cpp-python sdist."""
+    root = cache_root() / "llama.cpp" / LLAMA_CPP_PYTHON_VERSION
+    script = root / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    with tempfile.TemporaryDirectory(prefix="chatforge-llamacpp-") as tmp:
+        download = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+             f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", tmp],
+            capture_output=True, text=True, check=False,
+        )
+        archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if download.returncode != 0 or not archives:
+            raise ExportError("GGUF export needs llama.cpp's converter from PyPI (the llama-cpp-python source "
+                              f"package); `pip download` failed: {download.stderr.strip()[-300:]}")
+        staging = Path(tmp) / "unpacked"
+        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+        wanted = ("convert_hf_to_gguf.py", "gguf-py/", "conversion/")
+        with tarfile.open(archives[0]) as archive:
+            members = [m for m in archive.getmembers()
+                       if m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted)]
+            archive.extractall(staging, members=members, filter="data")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.move(str(staging / prefix), str(root))
+    return script
+
+
+def _clean_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def _record(manifest: Manifest, run_dir: Path, out_dir: Path, name: str | None = None) -> None:
+    """Write the manifest next to the output and under RUN/exports/NAME/ for lineage."""
+    manifest.write(out_dir)
+    record_dir = run_dir / "exports" / (name or out_dir.name)
+    record_dir.mkdir(parents=True, exist_ok=True)
+    manifest.write(record_dir)
+
