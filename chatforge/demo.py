@@ -91,12 +91,16 @@ def plan_steps(out: Path, fast: bool, train_minutes: float, log: Any) -> int:
 
 
 def write_demo_project(out: Path, fast: bool, train_minutes: float, log: Any = print) -> Path:
-    """Write out/chatforge.yaml for the demo (building the tiny model first when `fast`) and return its path."""
+    """Write out/chatforge.yaml for the demo (building the tiny model first when `fast`) and return its path.
+    An existing one is kept (it may have been edited), so a second demo reruns nothing that is done."""
     out.mkdir(parents=True, exist_ok=True)
+    path = out / "chatforge.yaml"
     if fast:
         build_fast_model(out)
+    if path.is_file():
+        log(f"using the existing project file {path} (delete it to size the demo afresh)")
+        return path
     steps = plan_steps(out, fast, train_minutes, log)
-    path = out / "chatforge.yaml"
     header = ("# Written by `chatforge demo`: the demo is an ordinary project; rerun it with\n"
               f"#   chatforge run {path}\n")
     path.write_text(header + yaml.safe_dump(demo_settings(out, fast, train_minutes, steps), sort_keys=False),

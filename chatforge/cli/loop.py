@@ -114,3 +114,27 @@ def lineage_command(run: Annotated[Path, typer.Argument(help="run directory")]) 
         fail(str(exc))
     for line in lines:
         console.print(line, highlight=False, markup=False)
+
+
+@app.command("export")
+def export_command(
+    run: Annotated[Path, typer.Argument(help="run directory")],
+    hf: Annotated[Path | None, typer.Option("--hf", help="write a Hugging Face model directory (adapter merged)")] = None,
+    gguf: Annotated[Path | None, typer.Option("--gguf", help="write one GGUF file for llama.cpp / Ollama")] = None,
+    quant: Annotated[str, typer.Option(help="GGUF weights: f16, q8_0 or f32")] = "q8_0",
+) -> None:
+    """Export a run: a merged HF model directory (--hf) and/or a GGUF with the chat template embedded (--gguf)."""
+    from chatforge.models.export import ExportError, export_gguf, export_hf
+
+    if hf is None and gguf is None:
+        fail("export needs --hf DIR and/or --gguf FILE")
+    try:
+        if hf is not None:
+            console.print(f"[bold green]HF model:[/] {escape(str(export_hf(run, hf)))}", highlight=False)
+        if gguf is not None:
+            path = export_gguf(run, gguf, quant)
+            console.print(f"[bold green]GGUF ({quant}):[/] {escape(str(path))}  ({path.stat().st_size / 2**20:.0f} MiB; "
+                          f"`llama-cli -m {escape(str(path))}` or an Ollama Modelfile `FROM {escape(str(path))}`)",
+                          highlight=False)
+    except (ExportError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
