@@ -120,7 +120,7 @@ def _one_request(server: Any, base: str, secret: str) -> str:
     response = httpx.post(f"{base}/v1/chat/completions", timeout=300,
                           headers={"Authorization": f"Bearer {secret}"},
                           json={"model": "chatforge", "messages": [{"role": "user", "content": "Hello, who are you?"}],
-                                "max_tokens": 32})
+                                "max_tokens": 32, "temperature": 0})
     if response.status_code != 200:
         fail(f"check failed: the server answered {response.status_code}: {response.text[:300]}")
     return str(response.json()["choices"][0]["message"]["content"])

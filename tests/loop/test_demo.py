@@ -22,7 +22,7 @@ def test_fast_demo_runs_the_loop_end_to_end_and_a_second_run_skips_the_stages(tm
     command = [sys.executable, "-m", "chatforge", "demo", "--out", str(out), "--minutes", "0.3", "--check",
                "--port", str(free_port())]
     env = {**os.environ, "DEMO_FAST": "1", "COLUMNS": "200"}
-    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "check passed" in first.stdout
     assert "API key (shown once" in first.stdout and "curl http://127.0.0.1:" in first.stdout
@@ -33,7 +33,7 @@ def test_fast_demo_runs_the_loop_end_to_end_and_a_second_run_skips_the_stages(tm
     assert metrics["metrics"]["perplexity"] < metrics["baseline"]["metrics"]["perplexity"]  # it learned something
 
     second = subprocess.run([*command[:-2], "--port", str(free_port())], capture_output=True, text=True, env=env,
-                            timeout=600)
+                            timeout=600, check=False)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     for stage in ("prepare", "train", "eval"):
         assert f"{stage}: skipped" in second.stdout

@@ -46,7 +46,7 @@ def test_second_run_skips_changed_source_reruns_and_lineage_shows_the_chain(tmp_
 
     lines = lineage_lines(tmp_path / "out/run")
     text = "\n".join(lines)
-    assert str((tmp_path / "chats.jsonl")) in text and "dataset" in text and "eval" in text
+    assert str(tmp_path / "chats.jsonl") in text and "dataset" in text and "eval" in text
     assert lines[0].startswith("run ")
 
 

@@ -1,0 +1,81 @@
+"""Fuzz `chatforge serve`'s OpenAPI spec with schemathesis: every generated request must get an answer that is not
+a 5xx. The server runs for real (`chatforge serve` in a child process, loopback) on a tiny random model.
+
+Run it like this (repo root, after `make install` and `.venv/bin/pip install -c constraints.txt -e ".[bench]"`)::
+
+    .venv/bin/python benchmarks/fuzz_api.py                      # ~100 examples per operation
+    .venv/bin/python benchmarks/fuzz_api.py --max-examples 300
+
+Requests carry a valid key with every scope (so the fuzzer gets past auth into the handlers); schemathesis'
+`not_a_server_error` check fails the run on any 5xx. The exit status is schemathesis' own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="schemathesis against chatforge serve")
+    parser.add_argument("--max-examples", type=int, default=100)
+    parser.add_argument("--model", default=None, help="run or model to serve (default: a tiny random model)")
+    args = parser.parse_args()
+
+    from chatforge.serve.store import Store
+
+    with tempfile.TemporaryDirectory(prefix="chatforge-fuzz-") as tmp:
+        model = args.model
+        if model is None:
+            from chatforge.models.tiny import build_tiny_llama, build_tiny_tokenizer
+
+            model = str(build_tiny_llama(Path(tmp) / "model", build_tiny_tokenizer(Path(tmp) / "tok")))
+        db = f"sqlite:///{Path(tmp) / 'fuzz.db'}"
+        key = Store(db).create_key("fuzzer", ("chat", "feedback", "admin"), rpm=None, tpm=None)[0]
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", model, "--db", db, "--port", str(port),
+                                   "--max-queue", "64"], cwd=tmp, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    sys.exit("the server did not become ready")
+                time.sleep(0.5)
+            schemathesis = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or "schemathesis"
+            command = [schemathesis, "run", f"{base}/openapi.json", "--checks", "not_a_server_error",
+                       "--max-examples", str(args.max_examples), "--header", f"Authorization: Bearer {key}",
+                       "--request-timeout", "120"]
+            print("$", " ".join(c if "Bearer" not in c else "Authorization: Bearer ***" for c in command), flush=True)
+            status = subprocess.run(command, check=False).returncode
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
