@@ -146,7 +146,8 @@ class DecodeBatch:
         probs = torch.softmax(logits / settings.temperature, dim=-1)
         if settings.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(-1) - sorted_probs < settings.top_p  # always keeps the most likely token
+            keep = sorted_probs.cumsum(-1) - sorted_probs < settings.top_p
+            keep[0] = True  # the most likely token always stays (a top_p below float32's range would keep none)
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs.cpu(), 1, generator=self.generators[row]))
 

@@ -80,3 +80,11 @@ def test_cancel_keeps_what_was_generated(base: LoadedRun) -> None:
     while not batch.done:
         batch.step()
     assert batch.results()[0].finish_reason in {"cancelled", "stop"}
+
+
+def test_a_vanishing_top_p_keeps_the_most_likely_token(base: LoadedRun) -> None:
+    """Found by schemathesis: top_p=5e-324 underflows to 0 in float32 and used to leave nothing to sample."""
+    prompt = prompts_of(base)[0]
+    greedy = generate_batch(base, [prompt], SamplingSettings(max_new_tokens=6))[0]
+    tiny_p = generate_batch(base, [prompt], SamplingSettings(max_new_tokens=6, temperature=1.0, top_p=5e-324, seed=1))[0]
+    assert tiny_p.token_ids == greedy.token_ids
