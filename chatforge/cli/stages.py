@@ -8,14 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from chatforge.cli.common import (
-    DEFAULT_PROJECT_FILE,
-    app,
-    console,
-    fail,
-    load_project,
-    log_line,
-)
+from chatforge.cli.common import DEFAULT_PROJECT_FILE, app, console, fail, load_project, log_line
 from chatforge.config import (
     ConfigError,
     merge_overrides,
