@@ -125,3 +125,15 @@ def end_of_turn_token(tokenizer: Any) -> str:
         if token in template:
             return token
     return str(tokenizer.eos_token)
+
+
+TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>",
+               "<|end_header_id|>", "<|eot_id|>")
+
+
+def template_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the turn-marking special tokens the tokenizer's chat template writes (e.g. Gemma's <start_of_turn>,
+    <end_of_turn>): the rows `lora.train_template_tokens` trains."""
+    vocab = tokenizer.get_vocab()
+    template = tokenizer.chat_template or ""
+    return [vocab[token] for token in TURN_TOKENS if token in vocab and token in template]

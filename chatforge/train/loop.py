@@ -143,6 +143,7 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
     from chatforge.models.source import load_tokenizer, model_dir
     from chatforge.train.estimate import estimate_run
     from chatforge.train.export import export_run, write_run_files
+    from chatforge.models.templates import template_token_ids
     from chatforge.train.model import CausalLMLoss, apply_lora, load_base_model
 
     if not cfg.data or not cfg.out:
@@ -177,7 +178,7 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.method == "lora":
-        model = apply_lora(model, cfg.lora)
+        model = apply_lora(model, cfg.lora, template_token_ids(tokenizer) if cfg.lora.train_template_tokens else None)
     estimate = estimate_run(model, train_examples, plan.micro_batches, plan.step_tokens, cfg, accelerator.num_processes)
     say(estimate["summary"])
     if dry_run:

@@ -49,14 +49,30 @@ def default_lora_targets(model: nn.Module) -> list[str]:
     raise ValueError("cannot tell this model's attention projections; set train.lora.target_modules in the config")
 
 
-def apply_lora(model: nn.Module, settings: LoraSettings) -> Any:
-    """Wrap `model` in a peft LoRA adapter; only the adapter's weights train."""
+def apply_lora(model: nn.Module, settings: LoraSettings, token_ids: list[int] | None = None) -> Any:
+    """Wrap `model` in a peft LoRA adapter; only the adapter's weights train — plus, given `token_ids`, those rows
+    of the (tied) embedding (peft's trainable tokens), e.g. a base model's barely-trained chat-template tokens."""
     from peft import LoraConfig, get_peft_model
 
     targets = settings.target_modules or default_lora_targets(model)
+    extra: dict[str, Any] = {}
+    if token_ids:
+        embedding = model.get_input_embeddings()
+        name = next(n for n, module in model.named_modules() if module is embedding).rsplit(".", 1)[-1]
+        extra["trainable_token_indices"] = {name: sorted(set(token_ids))}
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=targets, task_type="CAUSAL_LM")
+                        target_modules=targets, task_type="CAUSAL_LM", **extra)
     return get_peft_model(model, config)
+
+
+def lm_head_weight(causal: nn.Module) -> Tensor:
+    """The LM head's weight as the forward pass sees it: with peft trainable tokens, the frozen matrix with the
+    trained rows copied in (a differentiable copy, so those rows get their gradient through our chunked loss)."""
+    head = causal.get_output_embeddings()
+    adapter = getattr(head, "token_adapter", None)
+    if adapter is not None:
+        return adapter.get_merged_weights(adapter.active_adapters)
+    return head.weight
 
 
 def causal_lm_of(model: nn.Module) -> Any:
@@ -88,9 +104,9 @@ class CausalLMLoss(nn.Module):
         ).last_hidden_state
         targets = labels[:, 1:]
         trained = targets != IGNORE
-        head = causal.get_output_embeddings()
+        head_weight = lm_head_weight(causal)
         loss_sum, correct = chunked_lm_loss(
-            hidden[:, :-1][trained], head.weight, targets[trained], self.chunk_size, self.softcap
+            hidden[:, :-1][trained], head_weight, targets[trained], self.chunk_size, self.softcap
         )
         return loss_sum, trained.sum(), correct
 
