@@ -67,10 +67,10 @@ def _plain_scores(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> l
     """(loss sum, trained tokens, argmax hits) per row: one batched decoder pass, then the training loss's chunked
     LM head row by row (right padding: a row's trained positions never see its padding)."""
     from chatforge.train.loss import chunked_lm_loss
-    from chatforge.train.model import causal_lm_of, loss_chunk_rows
+    from chatforge.train.model import causal_lm_of, lm_head_weight, loss_chunk_rows
 
     causal = causal_lm_of(model)
-    head = causal.get_output_embeddings().weight
+    head = lm_head_weight(causal)
     softcap = getattr(causal.config, "final_logit_softcapping", None)
     chunk = loss_chunk_rows(head.shape[0], None)
     hidden = causal.get_decoder()(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],

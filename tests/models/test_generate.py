@@ -57,8 +57,7 @@ def test_a_row_that_emits_its_stop_token_finishes_while_others_go_on(base: Loade
 def test_stop_string_cuts_the_text(base: LoadedRun) -> None:
     prompt = prompts_of(base)[0]
     free = generate_batch(base, [prompt], SamplingSettings(max_new_tokens=10))[0]
-    if len(free.text) < 3:
-        pytest.skip("the random tiny model answers too little to cut")
+    assert len(free.text) >= 3, "the seeded tiny model should answer at least a few characters to cut"
     stop = free.text[1:3]
     cut = generate_batch(base, [prompt], SamplingSettings(max_new_tokens=10, stop=[stop]))[0]
     assert cut.finish_reason == "stop"
