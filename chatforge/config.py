@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -248,6 +248,38 @@ class EvalConfig(StrictModel):
     label_max_classes: int = Field(default=20, ge=2, description="labels count as a classification task up to this many distinct values")
 
 
+class OAuthConfig(StrictModel):
+    """`serve.oauth`: accept JWT bearer tokens of one OAuth2/OIDC issuer beside API keys.
+
+    serve:
+      oauth: {issuer: https://id.example.com/realms/x, audience: chatforge,
+              jwks_url: https://id.example.com/realms/x/protocol/openid-connect/certs,
+              scopes_claim: scope, scope_map: {"chatforge.chat": chat}, identity_claim: sub}
+    """
+
+    issuer: str = Field(description="the tokens' `iss`, exactly")
+    audience: str = Field(description="the `aud` a token must name")
+    jwks_url: str | None = Field(default=None, description="the issuer's JWKS (fetched, cached, refreshed on an unknown kid)")
+    jwks_file: str | None = Field(default=None, description="a local JWKS file instead of jwks_url")
+    algorithms: list[Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]] = Field(
+        default=["RS256", "ES256"], min_length=1, description="accepted `alg`s (asymmetric only: never none or HS*)")
+    scopes_claim: str = Field(default="scope", description="claim holding the scopes (space-separated or a list; a.b for nested)")
+    scope_map: dict[str, Literal["chat", "feedback", "admin"]] = Field(
+        default={}, description="claim value -> chatforge scope; values named chat/feedback/admin map to themselves")
+    identity_claim: str = Field(default="sub", description="claim naming the caller: rate limits and records key on it")
+    leeway_s: float = Field(default=30.0, ge=0, le=300, description="clock skew allowed on exp/nbf/iat")
+    rpm: int | None = Field(default=60, ge=1, description="requests per minute per identity (null = unlimited)")
+    tpm: int | None = Field(default=20000, ge=1, description="tokens per minute per identity (null = unlimited)")
+    jwks_cache_s: float = Field(default=300.0, gt=0, description="how long a fetched JWKS is trusted")
+    jwks_refresh_min_s: float = Field(default=30.0, ge=0, description="at most one refetch per this many seconds on unknown kids")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> OAuthConfig:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("set exactly one of serve.oauth.jwks_url and serve.oauth.jwks_file")
+        return self
+
+
 class ServeConfig(StrictModel):
     """`chatforge serve`: where it listens, what it stores, how much it takes on."""
 
@@ -265,6 +297,18 @@ class ServeConfig(StrictModel):
     default_max_tokens: int = Field(default=256, ge=1)
     store_conversations: bool = Field(default=True, description="keep (PII-redacted) conversations for feedback; per request `store: false` opts out")
     pii: PiiConfig = PiiConfig()
+    # hardening against hostile clients
+    max_tokens_limit: int = Field(default=8192, ge=1, description="max_tokens above this is a 400 (also when the backend's context is unknown)")
+    max_feedback_chars: int = Field(default=8000, ge=1, description="longer feedback corrections or comments are a 400")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="a connection must send its request headers within this")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="a request must send its whole body within this, else 408")
+    keep_alive_s: int = Field(default=5, ge=1, description="idle keep-alive connections close after this")
+    max_connections: int = Field(default=512, ge=1, description="open connections beyond this get 503 (capped below the descriptor limit)")
+    auth_failures_per_address: int = Field(default=20, ge=1, description="failed authentications per minute from one address before 429")
+    auth_failures_per_key: int = Field(default=50, ge=1, description="failed authentications per minute for one key id before 429")
+    heavy_work_threads: int = Field(default=2, ge=1, description="PII redactions of requests running at once")
+    api_docs: bool = Field(default=False, description="serve /docs, /redoc and /openapi.json (off: they map the API for anyone)")
+    oauth: OAuthConfig | None = Field(default=None, description="accept OAuth2/OIDC JWTs beside API keys")
 
 
 class DataConfig(StrictModel):

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from chatforge.cli.common import app, console, fail, load_project
 from chatforge.config import ConfigError, ServeConfig, merge_overrides
+from chatforge.serve.keys import printable
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
 feedback_app = typer.Typer(no_args_is_help=True, help="Rated production conversations -> the next training set.")
@@ -45,13 +46,14 @@ def serve_command(
     gguf: Annotated[str | None, typer.Option(help="GGUF file (backend llamacpp)")] = None,
     max_batch: Annotated[int | None, typer.Option(help="requests decoded together")] = None,
     max_queue: Annotated[int | None, typer.Option(help="waiting requests before 503")] = None,
+    api_docs: Annotated[bool | None, typer.Option("--api-docs/--no-api-docs", help="serve /docs, /redoc, /openapi.json")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Serve a run behind an OpenAI-compatible API with keys, rate limits, /metrics, feedback and a chat page."""
     try:
         cfg = _serve_config(config, {"run": run, "host": host, "port": port, "db": db, "backend": backend,
                                      "upstream_url": upstream_url, "gguf": gguf, "max_batch": max_batch,
-                                     "max_queue": max_queue})
+                                     "max_queue": max_queue, "api_docs": api_docs})
     except ConfigError as exc:
         fail(str(exc))
     if not cfg.run and cfg.backend == "torch":
@@ -65,6 +67,7 @@ def serve_run(run: str, cfg: ServeConfig, demo_key: bool = False, check: bool = 
     import uvicorn
 
     from chatforge.serve.app import create_app
+    from chatforge.serve.server import uvicorn_config
     from chatforge.serve.store import StoreError
 
     cfg = cfg.model_copy(update={"run": run})
@@ -77,8 +80,7 @@ def serve_run(run: str, cfg: ServeConfig, demo_key: bool = False, check: bool = 
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the JSON access lines of chatforge.serve.access
-    server = uvicorn.Server(uvicorn.Config(application, host=cfg.host, port=cfg.port, log_level="warning",
-                                           access_log=False))
+    server = uvicorn.Server(uvicorn_config(application, cfg, host=cfg.host, port=cfg.port))
     base = f"http://{cfg.host}:{cfg.port}"
     if secret:
         print_usage(base, secret)
@@ -141,7 +143,7 @@ def keys_create(
         secret, key = store.create_key(name, [s.strip() for s in scopes.split(",") if s.strip()], rpm or None, tpm or None)
     except (ConfigError, ValueError) as exc:
         fail(str(exc))
-    console.print(f"key {key.id} ({escape(key.name)}; scopes {', '.join(sorted(key.scopes))}; rpm {key.rpm or '∞'}, "
+    console.print(f"key {key.id} ({escape(printable(key.name))}; scopes {', '.join(sorted(key.scopes))}; rpm {key.rpm or '∞'}, "
                   f"tpm {key.tpm or '∞'})", highlight=False)
     console.print("the secret below is shown once; store it now:", highlight=False)
     console.print(secret, highlight=False, markup=False)
@@ -156,7 +158,7 @@ def keys_list(db: DbOption = None, config: ConfigOption = None) -> None:
         fail(str(exc))
     table = Table("id", "name", "scopes", "rpm", "tpm", "created", "revoked")
     for key in keys:
-        table.add_row(key.id, escape(key.name), ",".join(sorted(key.scopes)), str(key.rpm or "∞"), str(key.tpm or "∞"),
+        table.add_row(key.id, escape(printable(key.name)), ",".join(sorted(key.scopes)), str(key.rpm or "∞"), str(key.tpm or "∞"),
                       key.created.strftime("%Y-%m-%d %H:%M"), "yes" if key.revoked else "")
     console.print(table)
 
@@ -171,7 +173,7 @@ def keys_revoke(id_or_name: Annotated[str, typer.Argument(help="key id (k_...) o
         fail(str(exc.args[0]) if exc.args else f"no key {id_or_name}")
     except (ConfigError, ValueError) as exc:
         fail(str(exc))
-    console.print(f"revoked {key.id} ({escape(key.name)})", highlight=False)
+    console.print(f"revoked {key.id} ({escape(printable(key.name))})", highlight=False)
 
 
 @feedback_app.command("export")

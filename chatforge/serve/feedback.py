@@ -10,7 +10,8 @@ What goes out, one OpenAI chat record per rated conversation:
 - rated +1: the stored messages and the model's answer as the last assistant turn;
 - rated -1 with a corrected answer: the stored messages and the correction as the assistant turn;
 - rated -1 without a correction: skipped (we know the answer was bad, not what a good one is), and counted.
-When a conversation was rated more than once, its latest rating decides; the earlier ones count as superseded.
+A key holds one rating per completion (rating again replaces it); where a conversation has several rating rows
+(databases from before that rule), its latest decides and the earlier ones count as superseded.
 Every record carries meta {"source": "feedback", "completion_id", "rating", "corrected"}; `prepare` replaces
 "source" with file:line and keeps the rest. Everything stored is PII-redacted already.
 """

@@ -3,6 +3,7 @@
 Use it like this in a route::
 
     limiter = RateLimiter()                                   # one per server process
+    wait_s = limiter.peek(key)                                # before tokenizing: already over the limit? (429)
     wait_s = limiter.check_request(key, prompt_tokens=12, max_tokens=256)
     if wait_s is not None:
         ...                                                   # 429 with `Retry-After: int(wait_s)`
@@ -76,6 +77,22 @@ class RateLimiter:
                 window.reservations.append(_Reservation(now, needed))
                 window.tokens_in_window += needed
             return None
+
+    def peek(self, key: ApiKey) -> float | None:
+        """Seconds to wait when `key` is over its limit already (its rpm used up, or its token budget spent), else
+        None; counts nothing. Call it before costly work (tokenizing) so a limited key gets its 429 cheaply."""
+        if key.rpm is None and key.tpm is None:
+            return None
+        with self._lock:
+            now = self.clock()
+            window = self._windows.get(key.id)
+            if window is None:
+                return None
+            window.expire(now, self.window_s)
+            spent = key.tpm is not None and window.tokens_in_window >= key.tpm
+            wait = max(self._request_wait(window, key.rpm, now),
+                       self._token_wait(window, key.tpm, 1, now) if spent else 0.0)
+            return float(max(1, math.ceil(wait))) if wait > 0 else None
 
     def settle_tokens(self, key: ApiKey, reserved: int, used: int) -> None:
         """After the response: turn the newest open reservation of `reserved` tokens into `used` tokens.

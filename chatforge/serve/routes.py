@@ -1,4 +1,4 @@
-"""The routes of `chatforge serve` (mounted by `create_app`; auth, errors and logs are in app.py).
+"""The routes of `chatforge serve` (mounted by `create_app`; auth.py, errors.py, middleware.py do the rest).
 
 Call them like OpenAI's API::
 
@@ -9,13 +9,20 @@ Call them like OpenAI's API::
     curl -s localhost:8000/v1/feedback -H "Authorization: Bearer $KEY" \
          -d '{"completion_id": "chatcmpl-...", "rating": 1}'
 
-A completion goes: model check (the id GET /v1/models lists, or "chatforge"), prompt tokens (the chat template applied), the context check (an explicit
-max_tokens that does not fit is a 400 `context_length_exceeded`; the default one shrinks to fit), the key's rate
-limit (429 + Retry-After; tokens reserved as prompt + max_tokens and settled to what was used), then the backend.
+A completion goes: model check (the id GET /v1/models lists, or "chatforge"), max_tokens over
+serve.max_tokens_limit (400), the key's rate limit as it stands (429 + Retry-After, before any tokenizing), prompt
+tokens (the chat template applied), the context check (an explicit max_tokens that does not fit is a 400
+`context_length_exceeded`; the default one shrinks to fit), the key's token budget (429; tokens reserved as
+prompt + max_tokens and settled to what was used), then the backend.
 Streams are server-sent events in OpenAI's chunk format ending with `data: [DONE]`; the first token is awaited
 before the headers go out, so a full queue or a timeout is still a proper 503. A client that goes away cancels
 its generation. Chat answers are stored for feedback (PII-redacted by the store) before the response ends, unless
 the request says `store: false` or serve.store_conversations is off; text completions are not stored.
+
+Feedback: only the key a completion was answered to may rate it, and it holds one rating per completion (rating
+again replaces the earlier one, same feedback id); an unknown id and another key's completion are the same 404. Its target is checked first, then the size of the correction and
+comment (serve.max_feedback_chars, 400), and only then are they redacted, in at most serve.heavy_work_threads
+worker threads at once (conversations are redacted there too), so feedback floods cannot freeze the server.
 """
 
 from __future__ import annotations
@@ -29,22 +36,16 @@ from collections.abc import AsyncIterator, Awaitable
 from importlib import resources
 from typing import Any, TypeVar
 
+import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
+from chatforge.httpsec import page_csp
 from chatforge.models.generate import SamplingSettings
-from chatforge.serve.app import (
-    ApiError,
-    RequestInfo,
-    ServeState,
-    api_error_of,
-    request_info,
-    require_scope,
-    serve_state,
-)
+from chatforge.serve.auth import require_scope
 from chatforge.serve.backends import GenerationInput, collect
 from chatforge.serve.engine import Delta
 from chatforge.serve.schemas import (
@@ -60,12 +61,15 @@ from chatforge.serve.schemas import (
     error_body,
     usage_dict,
 )
+from chatforge.serve.errors import ApiError, api_error_of
+from chatforge.serve.state import RequestInfo, ServeState, request_info, serve_state
 from chatforge.serve.store import ApiKey, StoreError
 
 router = APIRouter()
 MODEL_ALIAS = "chatforge"  # accepted as `model` whatever is served, for clients that need a fixed name
-ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 413, 429,
-                                                                                        503)}
+ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 413,
+                                                                                        429, 503)}
+CHAT_PAGE = resources.files("chatforge.serve").joinpath("static", "chat.html").read_text(encoding="utf-8")
 T = TypeVar("T")
 
 
@@ -101,8 +105,7 @@ async def metrics(request: Request, _key: ApiKey = Depends(require_scope("admin"
 
 @router.get("/", include_in_schema=False)
 async def chat_page() -> HTMLResponse:
-    page = resources.files("chatforge.serve").joinpath("static", "chat.html").read_text(encoding="utf-8")
-    return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+    return HTMLResponse(CHAT_PAGE, headers={"Cache-Control": "no-cache", "Content-Security-Policy": page_csp(CHAT_PAGE)})
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)
@@ -128,15 +131,21 @@ async def completions(body: CompletionRequest, request: Request,
 @router.post("/v1/feedback", response_model=FeedbackResponse, responses=ERRORS)
 async def feedback(body: FeedbackRequest, request: Request,
                    key: ApiKey = Depends(require_scope("feedback"))) -> dict[str, Any]:
-    """Rate a stored completion (+1 / -1), maybe with the answer it should have given."""
-    store = serve_state(request).store
+    """Rate a completion this key received (+1 / -1; rating again replaces it), maybe with the better answer."""
+    state = serve_state(request)
     try:
-        row_id = await run_in_threadpool(store.add_feedback, body.completion_id, key.id, body.rating,
-                                         body.correction, body.comment)
+        await run_in_threadpool(state.store.check_feedback_target, body.completion_id, key.id)
+        for field, text in (("correction", body.correction), ("comment", body.comment)):
+            if text is not None and len(text) > state.cfg.max_feedback_chars:
+                raise ApiError(400, f"{field} has {len(text)} characters; at most serve.max_feedback_chars="
+                                    f"{state.cfg.max_feedback_chars} are taken", "feedback_too_long", field)
+        row_id = await anyio.to_thread.run_sync(
+            state.store.add_feedback, body.completion_id, key.id, body.rating, body.correction, body.comment,
+            limiter=state.heavy_work)
     except KeyError:
-        raise ApiError(404, f"completion {body.completion_id} was not stored (unknown id, or it was sent with "
-                            "store: false); there is nothing to rate", "completion_not_found",
-                       "completion_id") from None
+        raise ApiError(404, f"completion {body.completion_id} was not stored for this key (unknown id, another "
+                            "key's, or it was sent with store: false); there is nothing to rate",
+                       "completion_not_found", "completion_id") from None
     except ValueError as exc:
         raise ApiError(400, str(exc), "invalid_value") from None
     return {"id": row_id, "object": "feedback", "completion_id": body.completion_id, "rating": body.rating}
@@ -152,6 +161,13 @@ async def answer(request: Request, key: ApiKey, body: SamplingFields, job: Gener
                        "model_not_found", "model")
     if not backend.ready():
         raise ApiError(503, "the model is not ready yet", "not_ready", retry_after_s=5)
+    requested = body.requested_max_tokens()
+    if requested is not None and requested > state.cfg.max_tokens_limit:
+        raise ApiError(400, f"max_tokens={requested} is over this server's limit of {state.cfg.max_tokens_limit} "
+                            "(serve.max_tokens_limit)", "invalid_value", "max_tokens")
+    wait_s = state.limiter.peek(key)
+    if wait_s is not None:
+        raise _over_limit(key, wait_s)
     try:
         prompt_tokens = await run_in_threadpool(backend.count_tokens, job)
     except (ValueError, TemplateError) as exc:  # e.g. a model's own template that refuses this order of roles
@@ -164,9 +180,7 @@ async def answer(request: Request, key: ApiKey, body: SamplingFields, job: Gener
     info.tokens_in = prompt_tokens
     wait_s = state.limiter.check_request(key, prompt_tokens, max_tokens)
     if wait_s is not None:
-        raise ApiError(429, f"key {key.id} is over its rate limit ({key.rpm or 'unlimited'} requests/min, "
-                            f"{key.tpm or 'unlimited'} tokens/min); retry in {math.ceil(wait_s)} s",
-                       "rate_limit_exceeded", retry_after_s=wait_s)
+        raise _over_limit(key, wait_s)
     reply = Reply(state, info, key, kind, body, job, prompt_tokens, max_tokens)
     try:
         if body.stream:
@@ -174,6 +188,12 @@ async def answer(request: Request, key: ApiKey, body: SamplingFields, job: Gener
         return await reply.whole(request)
     except ClientGone:
         return Response(status_code=499)
+
+
+def _over_limit(key: ApiKey, wait_s: float) -> ApiError:
+    return ApiError(429, f"key {key.id} is over its rate limit ({key.rpm or 'unlimited'} requests/min, "
+                         f"{key.tpm or 'unlimited'} tokens/min); retry in {math.ceil(wait_s)} s",
+                    "rate_limit_exceeded", retry_after_s=wait_s)
 
 
 def fit_max_tokens(requested: int | None, prompt_tokens: int, context: int | None, default: int,
@@ -298,8 +318,8 @@ class Reply:
         if isinstance(self.body, ChatCompletionRequest) and self.body.store is False:
             return
         assert self.job.messages is not None
-        await run_in_threadpool(self.state.store.store_conversation, self.id, self.key.id, self.model,
-                                self.job.messages, answer_text)
+        await anyio.to_thread.run_sync(self.state.store.store_conversation, self.id, self.key.id, self.model,
+                                       self.job.messages, answer_text, limiter=self.state.heavy_work)
 
 
 class EventStreamResponse(StreamingResponse):

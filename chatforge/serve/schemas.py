@@ -11,17 +11,32 @@ Use it like this::
 Requests accept what the official `openai` client sends (and `developer` as another name for `system`, a list of
 text parts as content) and refuse the rest with a message naming the field: an unknown field, a role other than
 system/user/assistant, an empty message list, n > 1, or a penalty we do not implement is a 400, never ignored.
+Types are strict where JSON can blur them (`true` is not 1, `1e9` is not an integer), and text with a lone UTF-16
+surrogate (`"\ud800"`, valid JSON but not Unicode text) is a 400 naming the field.
 Responses are built as plain dicts on the hot path (a chunk per token); the models below document their shape
 in the OpenAPI schema (`/openapi.json`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 MAX_STOP_STRINGS = 4
+
+
+def _no_lone_surrogates(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a lone UTF-16 surrogate ({text[exc.start]!a}) at character {exc.start}; "
+                         "send valid Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
+"""A request string that is valid Unicode (lone surrogates in JSON escapes are refused)."""
 
 
 class StrictBody(BaseModel):
@@ -30,13 +45,13 @@ class StrictBody(BaseModel):
 
 class TextPart(StrictBody):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(StrictBody):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def plain(self) -> dict[str, str]:
         """{"role", "content"} with text parts joined and `developer` read as `system`."""
@@ -45,26 +60,26 @@ class ChatMessage(StrictBody):
 
 
 class StreamOptions(StrictBody):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingFields(StrictBody):
     """What both completion routes share: sampling, streaming, storage opt-out."""
 
-    model: str | None = Field(default=None, description="the served model's id (GET /v1/models) or 'chatforge'; "
+    model: Text | None = Field(default=None, description="the served model's id (GET /v1/models) or 'chatforge'; "
                                                       "optional")
-    max_tokens: int | None = Field(default=None, ge=1, description="default: serve.default_max_tokens")
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 decodes greedily")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = Field(default=None,
+    max_tokens: StrictInt | None = Field(default=None, ge=1, description="default: serve.default_max_tokens")
+    temperature: StrictFloat = Field(default=1.0, ge=0.0, le=2.0, description="0 decodes greedily")
+    top_p: StrictFloat = Field(default=1.0, gt=0.0, le=1.0)
+    stop: Text | list[Text] | None = Field(default=None,
                                          description=f"up to {MAX_STOP_STRINGS} strings that end the answer")
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    n: int = Field(default=1, description="only 1 is supported")
-    stream: bool = False
+    seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
+    n: StrictInt = Field(default=1, description="only 1 is supported")
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(default=None, description="accepted for compatibility; not stored")
-    presence_penalty: float = Field(default=0.0, description="only 0 is supported")
-    frequency_penalty: float = Field(default=0.0, description="only 0 is supported")
+    user: Text | None = Field(default=None, description="accepted for compatibility; not stored")
+    presence_penalty: StrictFloat = Field(default=0.0, description="only 0 is supported")
+    frequency_penalty: StrictFloat = Field(default=0.0, description="only 0 is supported")
 
     @field_validator("n")
     @classmethod
@@ -104,8 +119,8 @@ class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions. `store: false` keeps this conversation out of the feedback store."""
 
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="newer name of max_tokens")
-    store: bool | None = Field(default=None, description="false: do not keep this conversation for feedback")
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, description="newer name of max_tokens")
+    store: StrictBool | None = Field(default=None, description="false: do not keep this conversation for feedback")
 
     @field_validator("messages")
     @classmethod
@@ -124,8 +139,8 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     """POST /v1/completions: raw text continued as is (no chat template)."""
 
-    prompt: str | list[str]
-    echo: bool = Field(default=False, description="only false is supported")
+    prompt: Text | list[Text]
+    echo: StrictBool = Field(default=False, description="only false is supported")
 
     @field_validator("prompt")
     @classmethod
@@ -148,10 +163,18 @@ class CompletionRequest(SamplingFields):
 class FeedbackRequest(StrictBody):
     """POST /v1/feedback: a rating of one stored completion, maybe with the answer it should have given."""
 
-    completion_id: str = Field(min_length=1, max_length=100)
-    rating: Literal[1, -1]
-    correction: str | None = Field(default=None, description="the answer the model should have given")
-    comment: str | None = None
+    completion_id: Text = Field(min_length=1, max_length=100)
+    rating: StrictInt = Field(description="1 (thumbs up) or -1 (thumbs down); `true` is not a rating")
+    correction: Text | None = Field(default=None, description="the answer the model should have given "
+                                                              "(at most serve.max_feedback_chars)")
+    comment: Text | None = Field(default=None, description="at most serve.max_feedback_chars")
+
+    @field_validator("rating")
+    @classmethod
+    def _thumbs(cls, rating: int) -> int:
+        if rating not in (1, -1):
+            raise ValueError(f"rating must be 1 (thumbs up) or -1 (thumbs down), got {rating}")
+        return rating
 
 
 class FeedbackResponse(BaseModel):

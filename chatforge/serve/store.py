@@ -138,6 +138,7 @@ class ConversationRow(Base):
 
 class FeedbackRow(Base):
     __tablename__ = "feedback"
+    __table_args__ = (sa.Index("ix_feedback_one_per_key", "completion_id", "key_id", unique=True),)
 
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
     completion_id: Mapped[str] = mapped_column(sa.ForeignKey("conversations.completion_id"), index=True)
@@ -178,11 +179,9 @@ class Store:
                    tpm: int | None = 20000) -> tuple[str, ApiKey]:
         """Make a key; returns (the secret, to show once, and the ApiKey). Only a salted hash is stored.
 
-        ValueError for an empty name, unknown scopes, a non-positive limit, or a name an active key already has.
+        ValueError for an empty, unprintable or reserved name (see keys.checked_key_name), unknown scopes, a non-positive limit, or a name an active key already has.
         """
-        name = name.strip() if isinstance(name, str) else ""
-        if not name:
-            raise ValueError("a key needs a non-empty name")
+        name = keys.checked_key_name(name)
         chosen = keys.checked_scopes(scopes)
         for label, limit in (("rpm", rpm), ("tpm", tpm)):
             if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -225,6 +224,39 @@ class Store:
             key = _api_key(row)
         self._auth_cache.drop(key.id)
         return key
+
+    def cached_key(self, secret: str) -> ApiKey | None:
+        """The key of a secret verified in the last `auth_cache_s` seconds (no hashing, no database), else None."""
+        if keys.key_id_of(secret) is None:
+            return None
+        return self._auth_cache.get(keys.secret_digest(secret))
+
+    def identity_key(self, subject: str, scopes: Iterable[str], rpm: int | None, tpm: int | None) -> ApiKey:
+        """The key row standing for an OAuth identity (made on first sight, never usable as an API key): its id
+        is what requests, conversations and feedback of that identity point at, and revoking it (by id or by its
+        name 'oauth:<subject>') refuses the identity's tokens. Scopes and limits are the caller's (the token's)."""
+        name = keys.RESERVED_NAME_PREFIX + subject
+        digest = "identity:" + keys.secret_digest(name)
+        cached = self._auth_cache.get(digest)
+        if cached is None:
+            key_id = "o_" + keys.secret_digest(name)[:12]
+            with self._sessions() as session:
+                row = session.get(KeyRow, key_id)
+            if row is None:
+                row = KeyRow(id=key_id, name=name, scopes="", rpm=None, tpm=None, salt=b"", secret_hash=b"",
+                             created=utc_now(), revoked_at=None)
+                try:
+                    with self._sessions.begin() as session:
+                        session.add(row)
+                except IntegrityError:  # another request (or replica) made it first
+                    with self._sessions() as session:
+                        row = session.get(KeyRow, key_id)
+                if row is None:
+                    raise StoreError(f"database {self.url}: could not record the OAuth identity {subject!r}")
+            cached = _api_key(row)
+            self._auth_cache.put(digest, cached.id, cached)
+        return ApiKey(id=cached.id, name=name, scopes=frozenset(scopes), rpm=rpm, tpm=tpm, created=cached.created,
+                      revoked=cached.revoked)
 
     def authenticate(self, secret: str) -> ApiKey | None:
         """The key this secret belongs to, or None when it is malformed, unknown, wrong or revoked."""
@@ -274,32 +306,56 @@ class Store:
         except IntegrityError:
             raise ValueError(f"completion {completion_id!r}: a conversation with this id is stored already") from None
 
+    def check_feedback_target(self, completion_id: str, key_id: str | None) -> None:
+        """Raise KeyError, cheaply and before any redaction, when the completion was not stored or belongs to
+        another key (the same answer for both, so completion ids cannot be probed)."""
+        with self._sessions() as session:
+            self._check_target(session, completion_id, key_id)
+
+    @staticmethod
+    def _check_target(session: Session, completion_id: str, key_id: str | None) -> None:
+        conversation = session.get(ConversationRow, completion_id)
+        if conversation is None or conversation.key_id != key_id:
+            raise KeyError(f"completion {completion_id!r} was not stored for this key (unknown id, another key's, "
+                           "or its request said store: false), so it cannot take feedback")
+
     def add_feedback(self, completion_id: str, key_id: str | None, rating: int, correction: str | None = None,
                      comment: str | None = None) -> int:
         """Store a rating (+1 or -1) with an optional corrected answer and comment; returns the feedback row id.
 
-        ValueError for another rating or non-text correction/comment; KeyError when the completion was not stored
-        (unknown id, or its request said `store: false`). Blank corrections and comments count as none.
+        Only the key the completion was answered to may rate it, and it has one rating per completion: rating
+        again replaces the earlier rating, correction and comment (same row id). ValueError for another rating or
+        non-text correction/comment; KeyError when the completion was not stored for this key (unknown id,
+        another key's, or its request said `store: false`), checked before anything is redacted. Blank
+        corrections and comments count as none.
         """
         if isinstance(rating, bool) or rating not in (-1, 1):
             raise ValueError(f"rating must be 1 (thumbs up) or -1 (thumbs down), got {rating!r}")
-        correction, comment = (self._redacted_note(label, value) for label, value in
-                               (("correction", correction), ("comment", comment)))
-        with self._sessions.begin() as session:
-            if session.get(ConversationRow, completion_id) is None:
-                raise KeyError(f"completion {completion_id!r} was not stored (unknown id, or its request said "
-                               "store: false), so it cannot take feedback")
-            row = FeedbackRow(completion_id=completion_id, key_id=key_id, rating=int(rating), correction=correction,
-                              comment=comment, created=utc_now())
-            session.add(row)
-            session.flush()
-            return row.id
+        for label, value in (("correction", correction), ("comment", comment)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{label} must be text, got {type(value).__name__}")  # noqa: TRY004  (bad request data)
+        self.check_feedback_target(completion_id, key_id)
+        correction, comment = (self._redacted_note(value) for value in (correction, comment))
+        for attempt in range(2):
+            try:
+                with self._sessions.begin() as session:
+                    row = session.scalars(select(FeedbackRow).where(FeedbackRow.completion_id == completion_id,
+                                                                    FeedbackRow.key_id == key_id)
+                                          .order_by(FeedbackRow.id.desc())).first()
+                    if row is None:
+                        row = FeedbackRow(completion_id=completion_id, key_id=key_id)
+                        session.add(row)
+                    row.rating, row.correction, row.comment, row.created = int(rating), correction, comment, utc_now()
+                    session.flush()
+                    return row.id
+            except IntegrityError:  # a concurrent first rating won the unique (completion_id, key_id) index
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
-    def _redacted_note(self, label: str, value: str | None) -> str | None:
+    def _redacted_note(self, value: str | None) -> str | None:
         if value is None:
             return None
-        if not isinstance(value, str):
-            raise ValueError(f"{label} must be text, got {type(value).__name__}")  # noqa: TRY004  (bad request data)
         return self._redactor.redact(value)[0] if value.strip() else None
 
     def feedback_rows(self) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from chatforge.config import ServeConfig
 from chatforge.models.run import LoadedRun, _cache_keyword, load_run
 from chatforge.serve.app import create_app
 from chatforge.serve.backends import TorchBackend
+from chatforge.serve.server import uvicorn_config
 from chatforge.serve.store import Store
 
 
@@ -56,7 +57,12 @@ def running_server(app: Any) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    state = getattr(getattr(app, "state", None), "serve", None)
+    if state is not None:  # a chatforge serve app: the limits `chatforge serve` runs it with
+        config = uvicorn_config(app, state.cfg, lifespan="on")
+    else:
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -1,7 +1,12 @@
 """The chat page in headless Chromium against the real server: enter a key, ask, watch the answer stream in, rate
-it, and find the rating in the store; a bad key shows a readable 401."""
+it, and find the rating in the store; a bad key shows a readable 401. The page runs under its Content-Security-
+Policy (a violation would be a console error), so waits use locators, not evaluated strings."""
 
 from __future__ import annotations
+
+import re
+
+from playwright.sync_api import expect
 
 from chatforge.config import PiiConfig
 from chatforge.data.pii import Redactor
@@ -15,7 +20,7 @@ def test_chat_page_streams_an_answer_and_saves_a_thumbs_up(server: RunningServer
         page.goto(server.url + "/")
         page.fill("#key", key)
         page.click("#save-key")
-        page.wait_for_function("document.getElementById('model').textContent.includes('" + server.model_id + "')")
+        expect(page.locator("#model")).to_contain_text(server.model_id)
         page.evaluate("""() => {  // count the answer's text updates: one per streamed piece
             window.answerUpdates = 0;
             new MutationObserver((records) => {
@@ -32,7 +37,7 @@ def test_chat_page_streams_an_answer_and_saves_a_thumbs_up(server: RunningServer
         completion_id = page.locator(".turn.assistant").first.get_attribute("data-completion-id")
         assert completion_id and completion_id.startswith("chatcmpl-")
         page.click(".turn.assistant .thumbs-up")
-        page.wait_for_function("document.querySelector('.feedback-status').textContent.includes('saved')")
+        expect(page.locator(".feedback-status").first).to_contain_text("saved")
         assert page.evaluate("localStorage.getItem('chatforge.key')") == key
         assert console_errors == []
     row = next(r for r in server.store.feedback_rows() if r["completion_id"] == completion_id)
@@ -45,5 +50,5 @@ def test_chat_page_shows_a_rejected_key_readably(server: RunningServer) -> None:
         page.goto(server.url + "/")
         page.fill("#key", "cf-k_00000000-not-a-real-key")
         page.click("#save-key")
-        page.wait_for_function("document.getElementById('error').textContent.startsWith('401')")
+        expect(page.locator("#error")).to_have_text(re.compile(r"^401"))
         assert "check the API key" in page.inner_text("#error")

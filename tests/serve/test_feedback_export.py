@@ -36,7 +36,7 @@ def rated_store(url: str) -> Store:
     store.add_feedback("chatcmpl-fixed", key.id, -1, correction=CORRECTION.replace("[EMAIL]", "jo@example.com"))
     store.add_feedback("chatcmpl-down", key.id, -1, comment="not an answer")
     store.add_feedback("chatcmpl-changed", key.id, -1)
-    store.add_feedback("chatcmpl-changed", key.id, 1)  # the later rating decides
+    store.add_feedback("chatcmpl-changed", key.id, 1)  # the later rating replaces it
     return store
 
 
@@ -44,7 +44,7 @@ def test_export_keeps_liked_and_corrected_and_counts_the_rest(tmp_path: Path) ->
     with rated_store(f"sqlite:///{tmp_path / 'serve.db'}") as store:
         report = export_feedback(store, tmp_path / "out" / "feedback.jsonl")
     assert (report.exported_up, report.exported_corrected, report.skipped_down_without_correction,
-            report.superseded) == (2, 1, 1, 1)
+            report.superseded) == (2, 1, 1, 0)  # one rating per completion and key: nothing superseded
     assert report.exported == 3 and report.path == tmp_path / "out" / "feedback.jsonl"
     records = {record["meta"]["completion_id"]: record for record in
                (json.loads(line) for line in report.path.read_text(encoding="utf-8").splitlines())}

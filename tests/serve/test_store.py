@@ -148,7 +148,7 @@ def test_conversations_and_feedback_are_stored_redacted(store: Store, database_u
     assert messages[1]["content"].endswith(PHONE)  # the caller's messages are not changed
 
 
-def test_feedback_needs_a_stored_completion_and_a_thumb(store: Store) -> None:
+def test_feedback_needs_a_stored_completion_of_the_key_and_a_thumb_and_replaces_its_rating(store: Store) -> None:
     _, key = store.create_key("alice")
     store.store_conversation("chatcmpl-a", key.id, "tiny", [{"role": "user", "content": "hi"}], "Hello!")
     for rating in (0, 2, True, "1"):
@@ -156,14 +156,18 @@ def test_feedback_needs_a_stored_completion_and_a_thumb(store: Store) -> None:
             store.add_feedback("chatcmpl-a", key.id, rating)  # type: ignore[arg-type]
     with pytest.raises(KeyError, match="'chatcmpl-zzz' was not stored"):
         store.add_feedback("chatcmpl-zzz", key.id, 1)
+    _, other = store.create_key("mallory")
+    for stranger in (other.id, None):  # another key's completion looks exactly like an unknown one
+        with pytest.raises(KeyError, match="'chatcmpl-a' was not stored for this key"):
+            store.add_feedback("chatcmpl-a", stranger, 1)
     first = store.add_feedback("chatcmpl-a", key.id, 1, correction="   ")
-    second = store.add_feedback("chatcmpl-a", None, -1, correction="Hi there!", comment="too short")
-    assert second > first
+    assert [(r["id"], r["rating"], r["correction"]) for r in store.feedback_rows()] == [(first, 1, None)]
+    again = store.add_feedback("chatcmpl-a", key.id, -1, correction="Hi there!", comment="too short")
     rows = store.feedback_rows()
-    assert [(r["id"], r["rating"], r["correction"], r["key_id"]) for r in rows] == [
-        (first, 1, None, key.id), (second, -1, "Hi there!", None)]
+    assert again == first and [(r["id"], r["rating"], r["correction"], r["key_id"]) for r in rows] == [
+        (first, -1, "Hi there!", key.id)]  # one rating per completion and key: the second replaced the first
     assert rows[0]["messages"] == [{"role": "user", "content": "hi"}] and rows[0]["answer"] == "Hello!"
-    assert rows[1]["comment"] == "too short" and rows[1]["model"] == "tiny" and rows[1]["created"].tzinfo
+    assert rows[0]["comment"] == "too short" and rows[0]["model"] == "tiny" and rows[0]["created"].tzinfo
 
 
 def test_store_conversation_rejects_what_it_cannot_keep(store: Store) -> None:
