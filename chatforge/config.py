@@ -306,7 +306,7 @@ class ServeConfig(StrictModel):
     max_connections: int = Field(default=512, ge=1, description="open connections beyond this get 503 (capped below the descriptor limit)")
     auth_failures_per_address: int = Field(default=20, ge=1, description="failed authentications per minute from one address before 429")
     auth_failures_per_key: int = Field(default=50, ge=1, description="failed authentications per minute for one key id before 429")
-    heavy_work_threads: int = Field(default=2, ge=1, description="PII redactions of requests running at once")
+    feedback_threads: int = Field(default=1, ge=1, description="feedback redactions running at once (worker threads; CPU-bound work holds the GIL, so more starve the event loop)")
     api_docs: bool = Field(default=False, description="serve /docs, /redoc and /openapi.json (off: they map the API for anyone)")
     oauth: OAuthConfig | None = Field(default=None, description="accept OAuth2/OIDC JWTs beside API keys")
 

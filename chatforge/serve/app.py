@@ -48,7 +48,7 @@ def create_app(cfg: ServeConfig, store: Store | None = None, backend: Backend | 
                             failures_per_key=cfg.auth_failures_per_key)
     oauth = OAuthVerifier(cfg.oauth) if cfg.oauth is not None else None
     state = ServeState(cfg, store, backend, RateLimiter(), metrics, guard, oauth,
-                       anyio.CapacityLimiter(cfg.heavy_work_threads))
+                       anyio.CapacityLimiter(cfg.feedback_threads))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

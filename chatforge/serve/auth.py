@@ -58,7 +58,7 @@ async def authenticate(request: Request, state: ServeState, token: str) -> ApiKe
     if cached is not None:
         return cached
     address = request.client.host if request.client else "unknown"
-    refusal = state.auth_guard.refusal(address, token)
+    refusal = state.auth_guard.admit(address, token)
     if refusal is not None:
         status, message, retry_after_s = refusal
         raise ApiError(status, message, "invalid_api_key" if status == 401 else "too_many_failed_authentications",
@@ -68,8 +68,9 @@ async def authenticate(request: Request, state: ServeState, token: str) -> ApiKe
         try:
             identity = await state.oauth.verify(token)
         except OAuthError as exc:
-            state.auth_guard.failed(address, token, remember_secret=False)
+            state.auth_guard.failed(token, remember_secret=False)
             raise ApiError(401, str(exc), "invalid_token") from None
+        state.auth_guard.succeeded(address, token)
         key = await run_in_threadpool(state.store.identity_key, identity.subject, identity.scopes,
                                       state.cfg.oauth.rpm, state.cfg.oauth.tpm)
         if key.revoked:
@@ -77,6 +78,7 @@ async def authenticate(request: Request, state: ServeState, token: str) -> ApiKe
         return key
     key = await run_in_threadpool(state.store.authenticate, token)
     if key is None:
-        state.auth_guard.failed(address, token)
+        state.auth_guard.failed(token)
         raise ApiError(401, "invalid or revoked API key", "invalid_api_key")
+    state.auth_guard.succeeded(address, token)
     return key

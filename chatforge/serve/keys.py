@@ -18,8 +18,9 @@ Failed checks are cheap to repeat for no one: `FailedAuthGuard` remembers wrong 
 failures per key id and per client address, so a flood of wrong secrets is refused before any scrypt runs::
 
     guard = FailedAuthGuard(failures_per_address=20, failures_per_key=50, window_s=60)
-    guard.refusal("10.0.0.7", secret)        # None: go on and check it; else (status, message, retry_after_s)
-    guard.failed("10.0.0.7", secret)         # after a check said no
+    guard.admit("10.0.0.7", secret)          # None: go on and check it; else (status, message, retry_after_s)
+    guard.failed(secret)                     # after the check said no
+    guard.succeeded("10.0.0.7", secret)      # after it said yes
 """
 
 from __future__ import annotations
@@ -176,8 +177,10 @@ class FailedAuthGuard:
     """Refuses, without hashing, what failed before: a secret seen wrong in the last `bad_secret_ttl_s` (401),
     and any unverified secret from an address or for a key id with too many failures in `window_s` (429).
 
-    Check the cache of verified keys first (`Store.cached_key`): a key verified before the flood keeps working.
-    Thread-safe; memory is bounded (`max_entries` per table, least recently used go first); `clock` for tests.
+    `admit` counts a check as a failure up front (so concurrent checks cannot overshoot the limit) and
+    `succeeded` takes that back; check the cache of verified keys first (`Store.cached_key`): a key verified
+    before a flood keeps working. Thread-safe; memory is bounded (`max_entries` per table, least recently used
+    go first); `clock` for tests.
     """
 
     def __init__(self, failures_per_address: int = 20, failures_per_key: int = 50, window_s: float = 60.0,
@@ -191,8 +194,9 @@ class FailedAuthGuard:
         self._by_key: OrderedDict[str, _FailureWindow] = OrderedDict()
         self._lock = threading.Lock()
 
-    def refusal(self, address: str, secret: str) -> tuple[int, str, float | None] | None:
-        """None when `secret` may be checked; else (401 or 429, a message for the client, seconds to wait)."""
+    def admit(self, address: str, secret: str) -> tuple[int, str, float | None] | None:
+        """None when `secret` may be checked now (counted as a failure until `succeeded`); else (401 or 429, a
+        message for the client, seconds to wait)."""
         now = self.clock()
         digest = secret_digest(secret)
         key_id = key_id_of(secret)
@@ -206,19 +210,26 @@ class FailedAuthGuard:
             if key_id is not None and self._over(self._by_key, key_id, self.failures_per_key, now):
                 return 429, (f"too many failed authentications for key {key_id} in {self.window_s:g} s; "
                              "retry later"), self.window_s
-        return None
-
-    def failed(self, address: str, secret: str, remember_secret: bool = True) -> None:
-        """Remember that `secret` from `address` did not authenticate (`remember_secret=False` for tokens that may
-        turn valid later, such as a JWT signed with a key the issuer has not published yet)."""
-        now = self.clock()
-        key_id = key_id_of(secret)
-        with self._lock:
-            if remember_secret:
-                self._remember(self._bad_secrets, secret_digest(secret), now + self.bad_secret_ttl_s)
             self._window(self._by_address, address).times.append(now)
             if key_id is not None:
                 self._window(self._by_key, key_id).times.append(now)
+        return None
+
+    def failed(self, secret: str, remember_secret: bool = True) -> None:
+        """The admitted `secret` did not authenticate: refuse it outright from now on (`remember_secret=False`
+        for tokens that may turn valid later, such as a JWT signed with a key not yet published)."""
+        if remember_secret:
+            with self._lock:
+                self._remember(self._bad_secrets, secret_digest(secret), self.clock() + self.bad_secret_ttl_s)
+
+    def succeeded(self, address: str, secret: str) -> None:
+        """The admitted `secret` authenticated: its check no longer counts as a failure."""
+        key_id = key_id_of(secret)
+        with self._lock:
+            for table, name in ((self._by_address, address), (self._by_key, key_id)):
+                window = table.get(name) if name is not None else None
+                if window is not None and window.times:
+                    window.times.pop()
 
     def _over(self, table: OrderedDict[str, _FailureWindow], name: str, limit: int, now: float) -> bool:
         window = table.get(name)

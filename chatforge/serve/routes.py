@@ -21,8 +21,8 @@ the request says `store: false` or serve.store_conversations is off; text comple
 
 Feedback: only the key a completion was answered to may rate it, and it holds one rating per completion (rating
 again replaces the earlier one, same feedback id); an unknown id and another key's completion are the same 404. Its target is checked first, then the size of the correction and
-comment (serve.max_feedback_chars, 400), and only then are they redacted, in at most serve.heavy_work_threads
-worker threads at once (conversations are redacted there too), so feedback floods cannot freeze the server.
+comment (serve.max_feedback_chars, 400), and only then are they redacted, in at most serve.feedback_threads
+worker threads at once, so a flood of feedback can neither take the whole thread pool nor starve the event loop.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ async def feedback(body: FeedbackRequest, request: Request,
                                     f"{state.cfg.max_feedback_chars} are taken", "feedback_too_long", field)
         row_id = await anyio.to_thread.run_sync(
             state.store.add_feedback, body.completion_id, key.id, body.rating, body.correction, body.comment,
-            limiter=state.heavy_work)
+            limiter=state.feedback_work)
     except KeyError:
         raise ApiError(404, f"completion {body.completion_id} was not stored for this key (unknown id, another "
                             "key's, or it was sent with store: false); there is nothing to rate",
@@ -318,8 +318,8 @@ class Reply:
         if isinstance(self.body, ChatCompletionRequest) and self.body.store is False:
             return
         assert self.job.messages is not None
-        await anyio.to_thread.run_sync(self.state.store.store_conversation, self.id, self.key.id, self.model,
-                                       self.job.messages, answer_text, limiter=self.state.heavy_work)
+        await run_in_threadpool(self.state.store.store_conversation, self.id, self.key.id, self.model,
+                                self.job.messages, answer_text)
 
 
 class EventStreamResponse(StreamingResponse):

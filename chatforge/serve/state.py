@@ -30,8 +30,8 @@ from chatforge.serve.store import Store
 class ServeState:
     """What the routes share (app.state.serve).
 
-    `heavy_work` bounds how many CPU-heavy request jobs (PII redaction of conversations and feedback) run at once
-    in worker threads, so a flood of them cannot take every thread of the pool nor starve the event loop.
+    `feedback_work` bounds how many feedback redactions (CPU-heavy, on text a client chose) run at once in worker
+    threads, so a flood of them can neither take every thread of the pool nor starve the event loop.
     """
 
     cfg: ServeConfig
@@ -41,7 +41,7 @@ class ServeState:
     metrics: ServeMetrics
     auth_guard: FailedAuthGuard
     oauth: OAuthVerifier | None
-    heavy_work: anyio.CapacityLimiter
+    feedback_work: anyio.CapacityLimiter
 
 
 @dataclass

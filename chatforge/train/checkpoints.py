@@ -46,6 +46,10 @@ def load_trainable_state(model: nn.Module, path: Path) -> None:
             parameters[name].copy_(tensor.to(parameters[name].device, parameters[name].dtype))
 
 
+# numpy's RNG state holds a uint32 array: exactly what rebuilds one is allowed to load, nothing else
+NUMPY_RNG_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -120,7 +124,9 @@ def latest_checkpoint(folder: Path) -> Path | None:
 def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG from `path`; returns its saved training state."""
     load_trainable_state(model, path / WEIGHTS)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    # weights_only: a checkpoint is data, never code (a crafted pickle would run on load otherwise)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS):
+        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "state.json").read_text())
