@@ -83,7 +83,7 @@ class OAuthVerifier:
             raise OAuthError("the token has no kid (key id) in its header")
         key, declared_alg = await self._key(kid)
         if declared_alg not in (None, alg):
-            raise OAuthError(f"key {kid[:64]!r} is for {declared_alg}, not {alg}")
+            raise OAuthError(f"the token's key {kid[:64]!r} is for {declared_alg}, not {alg}")
         try:
             claims = jwt.decode(token, key=key.key, algorithms=[alg], audience=self.cfg.audience,
                                 issuer=self.cfg.issuer, leeway=self.cfg.leeway_s,
