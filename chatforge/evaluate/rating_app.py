@@ -39,8 +39,6 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chatforge.httpsec import SecurityHeadersMiddleware, page_csp
-
 from chatforge.evaluate.rating_store import (
     DEFAULT_DB_URL,
     MAX_RATER_CHARS,
@@ -48,6 +46,7 @@ from chatforge.evaluate.rating_store import (
     RatingStore,
     UnknownItemError,
 )
+from chatforge.httpsec import SecurityHeadersMiddleware, page_csp
 
 MAX_COMMENT_CHARS = 4000
 TOKEN_COOKIE = "chatforge_rating_token"
@@ -104,7 +103,8 @@ class AccessTokenMiddleware:
         connection = HTTPConnection(scope)
         from_query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
         scheme, _, from_header = connection.headers.get("authorization", "").partition(" ")
-        offered = [from_query, connection.cookies.get(TOKEN_COOKIE, ""), from_header if scheme.lower() == "bearer" else ""]
+        from_cookie = connection.cookies.get(TOKEN_COOKIE, "")
+        offered = [from_query, from_cookie, from_header if scheme.lower() == "bearer" else ""]
         if not any(hmac.compare_digest(candidate.encode(), self.token.encode()) for candidate in offered if candidate):
             response = JSONResponse({"detail": "this rating page needs its access token: open the URL that "
                                                "`chatforge rate` printed (it ends in ?token=...)"}, 401)

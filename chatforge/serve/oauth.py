@@ -161,5 +161,5 @@ class OAuthVerifier:
             text = response.text
         document = json.loads(text)
         if not isinstance(document, dict):
-            raise ValueError("the JWKS document is not a JSON object")
+            raise ValueError("the JWKS document is not a JSON object")  # noqa: TRY004  (caught with the parse errors)
         return document

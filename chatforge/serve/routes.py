@@ -20,9 +20,10 @@ its generation. Chat answers are stored for feedback (PII-redacted by the store)
 the request says `store: false` or serve.store_conversations is off; text completions are not stored.
 
 Feedback: only the key a completion was answered to may rate it, and it holds one rating per completion (rating
-again replaces the earlier one, same feedback id); an unknown id and another key's completion are the same 404. Its target is checked first, then the size of the correction and
-comment (serve.max_feedback_chars, 400), and only then are they redacted, in at most serve.feedback_threads
-worker threads at once, so a flood of feedback can neither take the whole thread pool nor starve the event loop.
+again replaces the earlier one, same feedback id); an unknown id and another key's completion are the same 404.
+The target is checked first, then the size of the correction and comment (serve.max_feedback_chars, 400), and
+only then are they redacted, in at most serve.feedback_threads worker threads at once, so a flood of feedback
+can neither take the whole thread pool nor starve the event loop.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from chatforge.models.generate import SamplingSettings
 from chatforge.serve.auth import require_scope
 from chatforge.serve.backends import GenerationInput, collect
 from chatforge.serve.engine import Delta
+from chatforge.serve.errors import ApiError, api_error_of
 from chatforge.serve.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -61,7 +63,6 @@ from chatforge.serve.schemas import (
     error_body,
     usage_dict,
 )
-from chatforge.serve.errors import ApiError, api_error_of
 from chatforge.serve.state import RequestInfo, ServeState, request_info, serve_state
 from chatforge.serve.store import ApiKey, StoreError
 
@@ -105,7 +106,8 @@ async def metrics(request: Request, _key: ApiKey = Depends(require_scope("admin"
 
 @router.get("/", include_in_schema=False)
 async def chat_page() -> HTMLResponse:
-    return HTMLResponse(CHAT_PAGE, headers={"Cache-Control": "no-cache", "Content-Security-Policy": page_csp(CHAT_PAGE)})
+    return HTMLResponse(CHAT_PAGE, headers={"Cache-Control": "no-cache",
+                                            "Content-Security-Policy": page_csp(CHAT_PAGE)})
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)

@@ -164,7 +164,8 @@ class FeedbackRequest(StrictBody):
     """POST /v1/feedback: a rating of one stored completion, maybe with the answer it should have given."""
 
     completion_id: Text = Field(min_length=1, max_length=100)
-    rating: StrictInt = Field(description="1 (thumbs up) or -1 (thumbs down); `true` is not a rating")
+    rating: StrictInt = Field(description="1 (thumbs up) or -1 (thumbs down); `true` is not a rating",
+                              json_schema_extra={"enum": [1, -1]})
     correction: Text | None = Field(default=None, description="the answer the model should have given "
                                                               "(at most serve.max_feedback_chars)")
     comment: Text | None = Field(default=None, description="at most serve.max_feedback_chars")

@@ -179,7 +179,8 @@ class Store:
                    tpm: int | None = 20000) -> tuple[str, ApiKey]:
         """Make a key; returns (the secret, to show once, and the ApiKey). Only a salted hash is stored.
 
-        ValueError for an empty, unprintable or reserved name (see keys.checked_key_name), unknown scopes, a non-positive limit, or a name an active key already has.
+        ValueError for an empty, unprintable or reserved name (see keys.checked_key_name), unknown scopes, a
+        non-positive limit, or a name an active key already has.
         """
         name = keys.checked_key_name(name)
         chosen = keys.checked_scopes(scopes)
@@ -333,7 +334,7 @@ class Store:
             raise ValueError(f"rating must be 1 (thumbs up) or -1 (thumbs down), got {rating!r}")
         for label, value in (("correction", correction), ("comment", comment)):
             if value is not None and not isinstance(value, str):
-                raise ValueError(f"{label} must be text, got {type(value).__name__}")  # noqa: TRY004  (bad request data)
+                raise ValueError(f"{label} must be text, got {type(value).__name__}")
         self.check_feedback_target(completion_id, key_id)
         correction, comment = (self._redacted_note(value) for value in (correction, comment))
         for attempt in range(2):
@@ -403,12 +404,12 @@ def _chat_messages(messages: list[Any], completion_id: str) -> list[dict[str, st
         if hasattr(message, "model_dump"):
             message = message.model_dump(exclude_none=True)
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ValueError(f"completion {completion_id!r}: message {position} needs a 'role' string")  # noqa: TRY004  (bad request data)
+            raise ValueError(f"completion {completion_id!r}: message {position} needs a 'role' string")
         content = message.get("content")
         if isinstance(content, list):  # OpenAI content parts: the text parts are the message
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
         if not isinstance(content, str):
-            raise ValueError(f"completion {completion_id!r}: message {position} has no text content")  # noqa: TRY004  (bad request data)
+            raise ValueError(f"completion {completion_id!r}: message {position} has no text content")
         entry = {"role": message["role"], "content": content}
         if isinstance(message.get("name"), str):
             entry["name"] = message["name"]

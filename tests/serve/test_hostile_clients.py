@@ -286,7 +286,8 @@ def test_upstream_errors_are_sanitised_and_huge_max_tokens_never_leave(tmp_path:
                 huge = httpx.post(url + CHAT, headers=bearer(key), json={"messages": HELLO, "max_tokens": max_tokens})
                 assert assert_openai_error(huge, 400, "invalid_request_error")["param"] == "max_tokens"
             float_tokens = httpx.post(url + CHAT, content=b'{"messages": [{"role": "user", "content": "hi"}], '
-                                      b'"max_tokens": 1e9}', headers={**bearer(key), "Content-Type": "application/json"})
+                                      b'"max_tokens": 1e9}',
+                                      headers={**bearer(key), "Content-Type": "application/json"})
             assert_openai_error(float_tokens, 400, "invalid_request_error")
             assert len(calls) == forwarded  # none of them reached the upstream
         store.close()
