@@ -138,8 +138,8 @@ def test_slow_feedback_redactions_run_in_a_bounded_pool_and_health_and_chat_stay
         chat_s = time.monotonic() - started
         assert all(f.result().status_code == 200 for f in flood)
     assert counting.calls == 8 and counting.most_running == 1  # serve.feedback_threads
-    assert health == 200 and health_s < 2.0, health_s
-    assert chat.status_code == 200 and chat_s < 5.0, chat_s
+    assert health == 200 and health_s < 3.0, health_s  # generous: the machine may be loaded
+    assert chat.status_code == 200 and chat_s < 10.0, chat_s
 
 
 # --- 3: slow bodies, idle connections, the connection cap ---------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 
 from chatforge.serve.keys import (
     AuthCache,
+    FailedAuthGuard,
     checked_scopes,
     hash_secret,
     key_id_of,
@@ -98,3 +99,30 @@ def test_auth_cache_keeps_the_most_recently_used_when_full() -> None:
     assert cache.get("d0") == 0  # d1 is now the least recently used
     cache.put("d3", "k_3", 3)
     assert [cache.get(f"d{number}") for number in range(4)] == [0, None, 2, 3]
+
+
+def test_failed_auth_guard_limits_per_key_id_and_address_and_forgets_after_the_window() -> None:
+    clock = FakeClock()
+    guard = FailedAuthGuard(failures_per_address=100, failures_per_key=3, window_s=60, clock=clock)
+    key_id = new_key_id()
+    wrong = [new_secret(key_id) for _ in range(4)]
+    for n, secret in enumerate(wrong[:3]):  # three addresses, one key id: the key id's limit applies
+        assert guard.admit(f"10.0.0.{n}", secret) is None
+        guard.failed(secret)
+    assert guard.admit("10.0.0.9", wrong[0])[0] == 401  # a known-wrong secret: refused outright
+    status, message, retry_after_s = guard.admit("10.0.0.9", wrong[3])
+    assert status == 429 and key_id in message and retry_after_s == 60
+    other = new_secret(new_key_id())
+    assert guard.admit("10.0.0.9", other) is None  # other keys are not affected
+    guard.succeeded("10.0.0.9", other)
+    clock.now += 61
+    assert guard.admit("10.0.0.9", wrong[3]) is None  # the window has passed
+
+
+def test_failed_auth_guard_counts_checks_in_flight_so_concurrent_floods_cannot_overshoot() -> None:
+    guard = FailedAuthGuard(failures_per_address=2, failures_per_key=100, clock=FakeClock())
+    assert guard.admit("10.0.0.1", new_secret(new_key_id())) is None
+    assert guard.admit("10.0.0.1", new_secret(new_key_id())) is None  # both still being hashed
+    assert guard.admit("10.0.0.1", new_secret(new_key_id()))[0] == 429
+    guard.succeeded("10.0.0.1", new_secret(new_key_id()))  # one of them was a valid key after all
+    assert guard.admit("10.0.0.1", new_secret(new_key_id())) is None

@@ -182,6 +182,32 @@ def test_feedback_ownership_and_revocation_follow_the_identity(oauth_server: Run
                         "authentication_error", "revoked_identity")
 
 
+def test_a_rotated_key_is_fetched_on_its_first_token_once_the_refresh_interval_passed(issuer: Issuer,
+                                                                                      jwks_url: str) -> None:
+    clock = [1000.0]
+    verifier = OAuthVerifier(OAuthConfig(issuer=ISSUER, audience=AUDIENCE, jwks_url=jwks_url, jwks_refresh_min_s=30,
+                                         scope_map={"chatforge.chat": "chat"}), clock=lambda: clock[0])
+    rotated = Issuer()
+
+    async def scenario() -> None:
+        assert (await verifier.verify(issuer.token())).subject == "alice"
+        original_jwks = issuer.jwks
+        issuer.jwks = lambda: {"keys": original_jwks()["keys"] + [  # type: ignore[method-assign]
+            {**json.loads(RSAAlgorithm.to_jwk(rotated.rsa.public_key())), "kid": "rsa-2", "alg": "RS256"}]}
+        try:
+            new_token = jwt.encode(valid_claims(), rotated.rsa, algorithm="RS256", headers={"kid": "rsa-2"})
+            clock[0] += 10
+            with pytest.raises(OAuthError, match="not in the issuer's key set"):  # too soon to refetch
+                await verifier.verify(new_token)
+            clock[0] += 30
+            assert (await verifier.verify(new_token)).scopes == frozenset({"chat"})
+        finally:
+            issuer.jwks = original_jwks  # type: ignore[method-assign]
+            await verifier.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_local_key_set_file_works_without_any_fetch(issuer: Issuer, tmp_path: Path) -> None:
     jwks_file = tmp_path / "jwks.json"
     jwks_file.write_text(json.dumps(issuer.jwks()), encoding="utf-8")
