@@ -152,7 +152,7 @@ def test_slow_bodies_get_408_and_their_connections_close_while_others_are_served
         slow.append(sock)
     started = time.monotonic()
     status, health_s = timed_get(hostile.url + "/health")
-    assert status == 200 and health_s < 2.0
+    assert status == 200 and health_s < 3.0
     try:
         answers = [read_until_closed(sock, 10) for sock in slow]
     finally:
@@ -208,7 +208,7 @@ def test_a_flood_of_wrong_secrets_runs_scrypt_a_bounded_number_of_times(
             health, health_s = timed_get(guarded.url + "/health")
         assert set(statuses) <= {401, 429} and statuses.count(429) >= 50, statuses
         assert len(hashes) <= 10, len(hashes)  # serve.auth_failures_per_address, not one per request
-        assert health == 200 and health_s < 2.0
+        assert health == 200 and health_s < 3.0
         limited = httpx.get(guarded.url + "/v1/models", headers=bearer(flood[-1]))
         assert_openai_error(limited, 429, "rate_limit_error", "too_many_failed_authentications")
         assert int(limited.headers["retry-after"]) >= 1
