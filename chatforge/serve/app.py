@@ -48,6 +48,7 @@ from chatforge.serve.backends import Backend, BackendRejected, make_backend
 from chatforge.serve.engine import EngineFailure, ServeUnavailable
 from chatforge.serve.limits import RateLimiter
 from chatforge.serve.metrics import ServeMetrics
+from chatforge.serve.safeguards import Safeguards
 from chatforge.serve.schemas import error_body
 from chatforge.serve.store import ApiKey, RequestRecord, Store
 
@@ -72,6 +73,7 @@ class ServeState:
     backend: Backend
     limiter: RateLimiter
     metrics: ServeMetrics
+    safeguards: Safeguards
 
 
 @dataclass
@@ -103,12 +105,14 @@ def create_app(cfg: ServeConfig, store: Store | None = None, backend: Backend | 
     """The app serving `cfg` (see the module docstring); its lifespan starts and closes `backend`."""
     from chatforge.serve.routes import router
 
-    store = store if store is not None else Store(cfg.db, pii=cfg.pii)
+    store = store if store is not None else Store(cfg.db, pii=cfg.pii, auth_cache_s=cfg.key_cache_s)
     backend = backend if backend is not None else make_backend(cfg)
     metrics = ServeMetrics(queue_depth=backend.queue_depth)
     if hasattr(backend, "on_batch"):
         backend.on_batch = metrics.batch_size.observe
-    state = ServeState(cfg, store, backend, RateLimiter(), metrics)
+    if hasattr(backend, "on_outcome"):  # the upstream backend: retries and failures per upstream
+        backend.on_outcome = lambda upstream, outcome: metrics.upstream_requests.labels(upstream, outcome).inc()
+    state = ServeState(cfg, store, backend, RateLimiter(store), metrics, Safeguards(cfg, metrics))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

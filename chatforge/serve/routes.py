@@ -152,6 +152,7 @@ async def answer(request: Request, key: ApiKey, body: SamplingFields, job: Gener
                        "model_not_found", "model")
     if not backend.ready():
         raise ApiError(503, "the model is not ready yet", "not_ready", retry_after_s=5)
+    job.whole = not body.stream
     try:
         prompt_tokens = await run_in_threadpool(backend.count_tokens, job)
     except (ValueError, TemplateError) as exc:  # e.g. a model's own template that refuses this order of roles
@@ -162,11 +163,12 @@ async def answer(request: Request, key: ApiKey, body: SamplingFields, job: Gener
     job.sampling = SamplingSettings(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                     seed=body.seed, stop=body.stop_strings())
     info.tokens_in = prompt_tokens
-    wait_s = state.limiter.check_request(key, prompt_tokens, max_tokens)
+    wait_s = await run_in_threadpool(state.limiter.check_request, key, prompt_tokens, max_tokens)
     if wait_s is not None:
         raise ApiError(429, f"key {key.id} is over its rate limit ({key.rpm or 'unlimited'} requests/min, "
                             f"{key.tpm or 'unlimited'} tokens/min); retry in {math.ceil(wait_s)} s",
                        "rate_limit_exceeded", retry_after_s=wait_s)
+    await state.safeguards.check_input(job, info.request_id)  # after the limit: a refused key costs no moderation
     reply = Reply(state, info, key, kind, body, job, prompt_tokens, max_tokens)
     try:
         if body.stream:
@@ -206,7 +208,8 @@ class Reply:
 
     async def timed_deltas(self) -> AsyncIterator[Delta]:
         """The backend's deltas, noting when the first came as the request's time to first token."""
-        async for delta in self.state.backend.stream(self.job):
+        async for delta in self.state.safeguards.guard_output(self.state.backend.stream(self.job), self.job,
+                                                              self.info.request_id):
             if self.info.ttft_s is None:
                 self.info.ttft_s = time.monotonic() - self.info.started
             yield delta
