@@ -41,7 +41,7 @@ import re2
 
 from chatforge.config import SafeguardsConfig, ServeConfig
 from chatforge.data.pii import Redactor
-from chatforge.serve.backends import BackendRejected, GenerationInput
+from chatforge.serve.backends import BackendRejected, GenerationInput, estimate_tokens
 from chatforge.serve.engine import Delta, ServeUnavailable
 from chatforge.serve.metrics import ServeMetrics
 
@@ -129,10 +129,12 @@ class Safeguards:
                          or (self.rules and "output" in self.cfg.check))
         if not checks_output:
             return deltas
-        return self._guarded(deltas, job.whole, request_id)
+        return self._guarded(deltas, job, request_id)
 
-    async def _guarded(self, deltas: AsyncIterator[Delta], whole: bool, request_id: str) -> AsyncIterator[Delta]:
+    async def _guarded(self, deltas: AsyncIterator[Delta], job: GenerationInput,
+                       request_id: str) -> AsyncIterator[Delta]:
         pending, released_tail, pieces = "", "", 0
+        prompt_tokens = len(job.prompt_ids) if job.prompt_ids else estimate_tokens(job)  # for a refusal's usage
         try:
             async for delta in deltas:
                 pending += delta.text
@@ -145,11 +147,11 @@ class Safeguards:
                     yield Delta(await self._redacted_whole(pending, request_id), delta.finish_reason,
                                 delta.prompt_tokens, delta.completion_tokens)
                     return
-                if whole:
+                if job.whole:
                     continue
                 verdict = self.matching_rule(released_tail + pending) if "output" in self.cfg.check else None
                 if verdict is not None:
-                    yield self._refusal(verdict, request_id, 0, pieces)
+                    yield self._refusal(verdict, request_id, prompt_tokens, pieces)
                     return
                 cut = len(pending) - self.window
                 if self.cfg.moderation_url and cut < self.cfg.moderation_chunk_chars:
@@ -159,7 +161,7 @@ class Safeguards:
                 if self.cfg.moderation_url:
                     flagged = await self.moderate(released_tail + pending[:cut], "output", request_id)
                     if flagged is not None:
-                        yield self._refusal(flagged, request_id, 0, pieces)
+                        yield self._refusal(flagged, request_id, prompt_tokens, pieces)
                         return
                 released = self._release(pending, cut, request_id)
                 if released is not None:

@@ -57,8 +57,13 @@ class Gateway:
     def __init__(self, url: str, backend: ScriptedBackend, key: str, admin: str) -> None:
         self.url, self.backend, self.key, self.admin = url, backend, key, admin
 
-    def chat(self, text: str, stream: bool = False) -> httpx.Response:
-        return httpx.post(self.url + CHAT, json={"messages": [{"role": "user", "content": text}], "stream": stream},
+    def chat(self, text: str, stream: bool = False, **extra: Any) -> httpx.Response:
+        return httpx.post(self.url + CHAT, json={"messages": [{"role": "user", "content": text}], "stream": stream,
+                                                 **extra},
+                          headers={"Authorization": f"Bearer {self.key}"}, timeout=30)
+
+    def complete(self, prompt: str) -> httpx.Response:
+        return httpx.post(self.url + "/v1/completions", json={"prompt": prompt},
                           headers={"Authorization": f"Bearer {self.key}"}, timeout=30)
 
     def metric(self, stage: str, action: str) -> float:
@@ -81,7 +86,7 @@ def streamed(response: httpx.Response) -> tuple[list[str], str | None]:
     """(the content pieces, the finish reason) of an event stream."""
     pieces, finish = [], None
     for line in response.text.splitlines():
-        if line.startswith("data: {"):
+        if line.startswith("data: {") and json.loads(line[6:])["choices"]:  # not the usage chunk
             choice = json.loads(line[6:])["choices"][0]
             pieces += [choice["delta"]["content"]] if choice["delta"].get("content") else []
             finish = choice["finish_reason"] or finish
@@ -134,6 +139,13 @@ def test_pii_in_a_streamed_answer_is_redacted_and_the_answer_still_streams(pii_g
     assert pii_gateway.metric("output", "redacted") == 4
 
 
+def test_text_completions_are_guarded_too(pii_gateway: Gateway) -> None:
+    blocked = pii_gateway.complete("the launch codes are")
+    assert blocked.status_code == 400 and blocked.json()["error"]["code"] == "content_filter"
+    text = pii_gateway.complete("contact:").json()["choices"][0]["text"]
+    assert text.startswith("Sure. Write to [EMAIL] or call [PHONE]") and EMAIL not in text
+
+
 def test_a_blocklisted_whole_answer_becomes_the_refusal(policy_gateway: Gateway) -> None:
     answer = policy_gateway.chat("what is the plan?").json()
     assert answer["choices"][0]["message"]["content"] == "Sorry, no."
@@ -142,8 +154,12 @@ def test_a_blocklisted_whole_answer_becomes_the_refusal(policy_gateway: Gateway)
 
 
 def test_a_blocklisted_stream_stops_before_the_match_and_ends_with_content_filter(policy_gateway: Gateway) -> None:
-    pieces, finish = streamed(policy_gateway.chat("what is the plan?", stream=True))
+    response = policy_gateway.chat("what is the plan?", stream=True, stream_options={"include_usage": True})
+    pieces, finish = streamed(response)
     text = "".join(pieces)
+    usage = [json.loads(line[6:])["usage"] for line in response.text.splitlines()
+             if line.startswith("data: {") and json.loads(line[6:]).get("usage")]
+    assert usage and usage[-1]["prompt_tokens"] > 0 and usage[-1]["completion_tokens"] > 0
     assert finish == "content_filter" and text.endswith("Sorry, no.")
     assert "launch" not in text and text.startswith("Here is the plan: step by step,")  # sent up to the window
     assert policy_gateway.backend.pieces_sent < len(SECRET_ANSWER) // 3  # the generation was stopped
