@@ -66,3 +66,17 @@ def test_a_revoke_on_one_replica_reaches_the_other_within_the_key_cache_ttl(repl
         time.sleep(0.05)
     waited = time.monotonic() - revoked_at
     assert waited < KEY_CACHE_S + 2.0
+
+
+def test_serve_key_cache_s_sets_how_long_a_server_trusts_a_checked_key(tmp_path: Path, serve_run: Path) -> None:
+    cfg = serve_config(serve_run, tmp_path / "db.sqlite", key_cache_s=0.25)
+    app = create_app(cfg, backend=TorchBackend(cfg, run=serve_run))  # the app makes its own Store from cfg
+    store = app.state.serve.store
+    secret = store.create_key("carol", rpm=None, tpm=None)[0]
+    assert store.authenticate(secret) is not None
+    with Store(cfg.db) as cli:
+        cli.revoke_key("carol")
+    assert store.authenticate(secret) is not None  # still cached
+    time.sleep(0.3)
+    assert store.authenticate(secret) is None
+    store.close()
