@@ -280,6 +280,44 @@ class OAuthConfig(StrictModel):
         return self
 
 
+class SafeguardsConfig(StrictModel):
+    """`serve.safeguards`: what the gateway checks in prompts and answers (see chatforge/serve/safeguards.py)."""
+
+    redact_output: bool = Field(default=False, description="replace PII in answers with [TYPE] placeholders (the serve.pii types)")
+    blocklist: list[str] = Field(default=[], description="words or phrases (case-insensitive, whole words) that block a prompt or an answer")
+    patterns: list[str] = Field(default=[], description="RE2 regular expressions (linear time: no backreferences or lookaround) that block a prompt or an answer")
+    check: list[Literal["input", "output"]] = Field(default=["input", "output"], description="where the blocklist and patterns apply")
+    moderation_url: str | None = Field(default=None, description="OpenAI-compatible moderation endpoint, e.g. http://mod:8000/v1/moderations ($CHATFORGE_MODERATION_API_KEY)")
+    moderation_model: str | None = None
+    moderation_timeout_s: float = Field(default=5.0, gt=0)
+    moderation_fail_open: bool = Field(default=False, description="when the moderation endpoint fails: true lets the text through, false blocks it")
+    moderation_chunk_chars: int = Field(default=400, ge=16, description="a stream is moderated (and released) in pieces of this many characters")
+    stream_window_chars: int = Field(default=64, ge=8, description="characters a stream holds back so a match or PII split across tokens is caught before it is sent")
+    refusal: str = Field(default="I can't help with that.", description="the answer that replaces a blocked one (finish_reason content_filter)")
+
+    @field_validator("patterns")
+    @classmethod
+    def _linear_patterns(cls, patterns: list[str]) -> list[str]:
+        import re2  # the serve extra (google-re2); only a config that sets patterns needs it
+
+        for position, pattern in enumerate(patterns):
+            try:
+                re2.compile(pattern)
+            except re2.error as exc:
+                detail = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+                raise ValueError(f"patterns[{position}] {pattern!r} is not an RE2 expression ({detail}); RE2 runs "
+                                 "in linear time, so it has no backreferences or lookaround") from None
+        return patterns
+
+    @field_validator("blocklist")
+    @classmethod
+    def _non_blank(cls, words: list[str]) -> list[str]:
+        blank = [position for position, word in enumerate(words) if not word.strip()]
+        if blank:
+            raise ValueError(f"blocklist[{blank[0]}] is blank")
+        return words
+
+
 class ServeConfig(StrictModel):
     """`chatforge serve`: where it listens, what it stores, how much it takes on."""
 
@@ -309,6 +347,13 @@ class ServeConfig(StrictModel):
     feedback_threads: int = Field(default=1, ge=1, description="feedback redactions running at once (worker threads; CPU-bound work holds the GIL, so more starve the event loop)")
     api_docs: bool = Field(default=False, description="serve /docs, /redoc and /openapi.json (off: they map the API for anyone)")
     oauth: OAuthConfig | None = Field(default=None, description="accept OAuth2/OIDC JWTs beside API keys")
+
+
+    # --- several replicas and upstreams, output safeguards (docs/deploy.md) ---
+    key_cache_s: float = Field(default=5.0, ge=0, description="seconds a verified key is trusted without the database; a revoke on another replica or the CLI takes effect within it")
+    upstreams: list[str] = Field(default=[], description="OpenAI-compatible servers for backend upstream, least busy healthy one first, with failover (upstream_url adds one)")
+    upstream_health_s: float = Field(default=5.0, gt=0, description="seconds between health checks (GET /models) of each upstream")
+    safeguards: SafeguardsConfig = SafeguardsConfig()
 
 
 class DataConfig(StrictModel):

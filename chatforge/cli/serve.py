@@ -32,7 +32,7 @@ def _serve_config(config: Path | None, overrides: dict[str, Any]) -> ServeConfig
 def _store(cfg: ServeConfig) -> Any:
     from chatforge.serve.store import Store
 
-    return Store(cfg.db, pii=cfg.pii)
+    return Store(cfg.db, pii=cfg.pii, auth_cache_s=cfg.key_cache_s)
 
 
 @app.command("serve")
@@ -43,6 +43,7 @@ def serve_command(
     db: DbOption = None,
     backend: Annotated[str | None, typer.Option(help="torch (default), llamacpp or upstream")] = None,
     upstream_url: Annotated[str | None, typer.Option(help="OpenAI-compatible server to forward to (backend upstream)")] = None,
+    upstream: Annotated[list[str] | None, typer.Option(help="an upstream server, repeat for several (serve.upstreams: least busy healthy one, failover)")] = None,
     gguf: Annotated[str | None, typer.Option(help="GGUF file (backend llamacpp)")] = None,
     max_batch: Annotated[int | None, typer.Option(help="requests decoded together")] = None,
     max_queue: Annotated[int | None, typer.Option(help="waiting requests before 503")] = None,
@@ -52,8 +53,8 @@ def serve_command(
     """Serve a run behind an OpenAI-compatible API with keys, rate limits, /metrics, feedback and a chat page."""
     try:
         cfg = _serve_config(config, {"run": run, "host": host, "port": port, "db": db, "backend": backend,
-                                     "upstream_url": upstream_url, "gguf": gguf, "max_batch": max_batch,
-                                     "max_queue": max_queue, "api_docs": api_docs})
+                                     "upstream_url": upstream_url, "upstreams": upstream, "gguf": gguf,
+                                     "max_batch": max_batch, "max_queue": max_queue, "api_docs": api_docs})
     except ConfigError as exc:
         fail(str(exc))
     if not cfg.run and cfg.backend == "torch":

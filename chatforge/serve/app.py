@@ -33,22 +33,25 @@ from chatforge.serve.metrics import ServeMetrics
 from chatforge.serve.middleware import GatewayMiddleware
 from chatforge.serve.oauth import OAuthVerifier
 from chatforge.serve.routes import router
+from chatforge.serve.safeguards import Safeguards
 from chatforge.serve.state import ServeState
 from chatforge.serve.store import Store
 
 
 def create_app(cfg: ServeConfig, store: Store | None = None, backend: Backend | None = None) -> FastAPI:
     """The app serving `cfg` (see the module docstring); its lifespan starts and closes `backend`."""
-    store = store if store is not None else Store(cfg.db, pii=cfg.pii)
+    store = store if store is not None else Store(cfg.db, pii=cfg.pii, auth_cache_s=cfg.key_cache_s)
     backend = backend if backend is not None else make_backend(cfg)
     metrics = ServeMetrics(queue_depth=backend.queue_depth)
     if hasattr(backend, "on_batch"):
         backend.on_batch = metrics.batch_size.observe
+    if hasattr(backend, "on_outcome"):  # the upstream backend: retries and failures per upstream
+        backend.on_outcome = lambda upstream, outcome: metrics.upstream_requests.labels(upstream, outcome).inc()
     guard = FailedAuthGuard(failures_per_address=cfg.auth_failures_per_address,
                             failures_per_key=cfg.auth_failures_per_key)
     oauth = OAuthVerifier(cfg.oauth) if cfg.oauth is not None else None
-    state = ServeState(cfg, store, backend, RateLimiter(), metrics, guard, oauth,
-                       anyio.CapacityLimiter(cfg.feedback_threads))
+    state = ServeState(cfg, store, backend, RateLimiter(store), metrics, guard, oauth,
+                       anyio.CapacityLimiter(cfg.feedback_threads), Safeguards(cfg, metrics))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -16,11 +16,8 @@ of them keeps auth, rate limits, metrics, logs and feedback: that is how chatfor
 vLLM or llama.cpp servers behind one `upstream` URL).
 
 - `torch` (default): `TorchEngine`, dynamic batching with a KV cache (see engine.py).
-- `upstream`: forwards to `serve.upstream_url` (its `/v1`, e.g. http://gpu-box:8000/v1) with httpx, streaming
-  passed through chunk by chunk. The upstream's key, if it needs one, comes from $CHATFORGE_UPSTREAM_API_KEY (a
-  secret stays out of config files). Prompt tokens are estimated (characters / 4) for rate limits; the upstream
-  checks its own context length and its 400 is passed on. At most max_batch requests are in flight upstream and
-  max_queue wait; beyond that, 503.
+- `upstream`: forwards to one or more OpenAI-compatible servers (`serve.upstreams`, or `serve.upstream_url`), least
+  busy healthy one first, with health checks and failover: see upstream.py.
 - `llamacpp`: llama-cpp-python on `serve.gguf` (from `chatforge export RUN --gguf`), one request at a time; the
   optional extra: `pip install llama-cpp-python`.
 """
@@ -30,10 +27,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +50,7 @@ class GenerationInput:
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
     prompt_ids: list[int] | None = None  # the torch backend fills it in count_tokens
+    whole: bool = False  # the client gets the answer in one piece, so it may be buffered or restarted elsewhere
 
 
 @dataclass
@@ -110,9 +107,9 @@ def make_backend(cfg: ServeConfig) -> Backend:
             raise ValueError("serve.run is not set: name the run dir (or base model) to serve")
         return TorchBackend(cfg, run=cfg.run)
     if cfg.backend == "upstream":
-        if not cfg.upstream_url:
-            raise ValueError("serve.backend is upstream but serve.upstream_url is not set (e.g. http://host:8000/v1)")
-        return UpstreamBackend(cfg, cfg.upstream_url, api_key=os.environ.get(UPSTREAM_KEY_ENV))
+        from chatforge.serve.upstream import upstream_backend  # upstream.py builds on this module
+
+        return upstream_backend(cfg)
     if not cfg.gguf:
         raise ValueError("serve.backend is llamacpp but serve.gguf is not set (make one with chatforge export --gguf)")
     return LlamaCppBackend(cfg, cfg.gguf)
@@ -216,104 +213,6 @@ def estimate_tokens(job: GenerationInput) -> int:
     if job.messages is not None:
         return sum(math.ceil(len(m["content"]) / 4) + 4 for m in job.messages)
     return math.ceil(len(job.prompt or "") / 4) + 1
-
-
-class UpstreamBackend:
-    """Forward to an OpenAI-compatible server; see the module docstring."""
-
-    def __init__(self, cfg: ServeConfig, base_url: str, api_key: str | None = None, model: str | None = None) -> None:
-        self.cfg = cfg
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
-        self.model_id = model or ""
-        self.context_length: int | None = None
-        self.client: Any = None
-        self.limit = InflightLimit(cfg.max_batch, cfg.max_queue)
-        self._reachable = False
-
-    async def start(self) -> None:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self.client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
-                                        timeout=httpx.Timeout(self.cfg.request_timeout_s, connect=10.0),
-                                        limits=httpx.Limits(max_connections=self.cfg.max_batch + 4))
-        if not self.model_id:
-            response = await self.client.get("/models")
-            if response.status_code != 200:
-                raise RuntimeError(f"{self.base_url}/models answered {response.status_code}: {response.text[:200]}")
-            models = response.json().get("data") or []
-            if not models:
-                raise RuntimeError(f"{self.base_url}/models lists no model")
-            self.model_id = str(models[0]["id"])
-        self._reachable = True
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-
-    def ready(self) -> bool:
-        return self._reachable
-
-    def queue_depth(self) -> int:
-        return self.limit.waiting
-
-    def count_tokens(self, job: GenerationInput) -> int:
-        return estimate_tokens(job)
-
-    def _payload(self, job: GenerationInput) -> tuple[str, dict[str, Any]]:
-        s = job.sampling
-        payload: dict[str, Any] = {"model": self.model_id, "max_tokens": s.max_new_tokens, "temperature": s.temperature,
-                                   "top_p": s.top_p, "stream": True, "stream_options": {"include_usage": True}}
-        if s.stop:
-            payload["stop"] = s.stop
-        if s.seed is not None:
-            payload["seed"] = s.seed
-        if job.messages is not None:
-            return "/chat/completions", {**payload, "messages": job.messages}
-        return "/completions", {**payload, "prompt": job.prompt or ""}
-
-    async def stream(self, job: GenerationInput) -> AsyncIterator[Delta]:
-        path, payload = self._payload(job)
-        async with self.limit.slot():
-            with self._transport_errors():
-                async with self.client.stream("POST", path, json=payload) as response:
-                    if response.status_code != 200:
-                        body = (await response.aread()).decode("utf-8", "replace")
-                        _raise_for_upstream(response.status_code, body, response.headers)
-                    self._reachable = True
-                    finish, usage, pieces = None, None, 0
-                    async for line in response.aiter_lines():
-                        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                            continue
-                        chunk = json.loads(line[5:])
-                        if chunk.get("error"):
-                            raise BackendRejected(502, f"upstream: {chunk['error'].get('message', 'error mid-stream')}")
-                        usage = chunk.get("usage") or usage
-                        for choice in chunk.get("choices") or []:
-                            text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-                            finish = choice.get("finish_reason") or finish
-                            if text:
-                                pieces += 1
-                                yield Delta(text)
-        usage = usage or {}
-        yield Delta("", finish or "stop", int(usage.get("prompt_tokens", estimate_tokens(job))),
-                    int(usage.get("completion_tokens", pieces)))
-
-    @contextmanager
-    def _transport_errors(self) -> Iterator[None]:
-        """httpx's timeouts and connection failures as ServeUnavailable (503), naming the upstream."""
-        import httpx
-
-        try:
-            yield
-        except httpx.TimeoutException:
-            raise ServeUnavailable(f"the upstream {self.base_url} did not answer within serve.request_timeout_s",
-                                   code="timeout") from None
-        except httpx.TransportError as exc:
-            self._reachable = False
-            raise ServeUnavailable(f"the upstream {self.base_url} is unreachable ({type(exc).__name__})",
-                                   retry_after_s=5.0, code="upstream_unreachable") from None
 
 
 def _raise_for_upstream(status: int, body: str, headers: Any) -> None:

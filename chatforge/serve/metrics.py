@@ -9,7 +9,9 @@ Use it like this::
     body, content_type = metrics.render()                           # GET /metrics
 
 Names (all prefixed `chatforge_`): requests_total{route,status}, request_latency_seconds{route},
-time_to_first_token_seconds{route}, tokens_in_total, tokens_out_total, queue_depth, batch_size, errors_total{type}.
+time_to_first_token_seconds{route}, tokens_in_total, tokens_out_total, queue_depth, batch_size, errors_total{type},
+safeguard_actions_total{stage,action} (stage input|output; action blocked|redacted|moderation_error),
+upstream_requests_total{upstream,outcome} (outcome ok|retried|failed|failed_after_streaming).
 `route` is the route's path template (`/v1/chat/completions`) or "unmatched", so scanning unknown URLs cannot
 grow the label set.
 """
@@ -42,6 +44,10 @@ class ServeMetrics:
         self.batch_size = Histogram("chatforge_batch_size", "requests decoded together per batch",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.errors = Counter("chatforge_errors", "error responses by OpenAI error type", ["type"], registry=r)
+        self.safeguard_actions = Counter("chatforge_safeguard_actions", "what serve.safeguards did, by stage",
+                                         ["stage", "action"], registry=r)
+        self.upstream_requests = Counter("chatforge_upstream_requests", "requests sent to each upstream, by outcome",
+                                         ["upstream", "outcome"], registry=r)
         if queue_depth is not None:
             self.queue_depth.set_function(queue_depth)
 

@@ -167,9 +167,10 @@ async def answer(request: Request, key: ApiKey, body: SamplingFields, job: Gener
     if requested is not None and requested > state.cfg.max_tokens_limit:
         raise ApiError(400, f"max_tokens={requested} is over this server's limit of {state.cfg.max_tokens_limit} "
                             "(serve.max_tokens_limit)", "invalid_value", "max_tokens")
-    wait_s = state.limiter.peek(key)
+    wait_s = await run_in_threadpool(state.limiter.peek, key)  # the store: off the event loop
     if wait_s is not None:
         raise _over_limit(key, wait_s)
+    job.whole = not body.stream
     try:
         prompt_tokens = await run_in_threadpool(backend.count_tokens, job)
     except (ValueError, TemplateError) as exc:  # e.g. a model's own template that refuses this order of roles
@@ -180,9 +181,10 @@ async def answer(request: Request, key: ApiKey, body: SamplingFields, job: Gener
     job.sampling = SamplingSettings(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                     seed=body.seed, stop=body.stop_strings())
     info.tokens_in = prompt_tokens
-    wait_s = state.limiter.check_request(key, prompt_tokens, max_tokens)
+    wait_s = await run_in_threadpool(state.limiter.check_request, key, prompt_tokens, max_tokens)
     if wait_s is not None:
         raise _over_limit(key, wait_s)
+    await state.safeguards.check_input(job, info.request_id)  # after the limit: a refused key costs no moderation
     reply = Reply(state, info, key, kind, body, job, prompt_tokens, max_tokens)
     try:
         if body.stream:
@@ -228,7 +230,8 @@ class Reply:
 
     async def timed_deltas(self) -> AsyncIterator[Delta]:
         """The backend's deltas, noting when the first came as the request's time to first token."""
-        async for delta in self.state.backend.stream(self.job):
+        async for delta in self.state.safeguards.guard_output(self.state.backend.stream(self.job), self.job,
+                                                              self.info.request_id):
             if self.info.ttft_s is None:
                 self.info.ttft_s = time.monotonic() - self.info.started
             yield delta

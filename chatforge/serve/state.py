@@ -23,6 +23,7 @@ from chatforge.serve.keys import FailedAuthGuard
 from chatforge.serve.limits import RateLimiter
 from chatforge.serve.metrics import ServeMetrics
 from chatforge.serve.oauth import OAuthVerifier
+from chatforge.serve.safeguards import Safeguards
 from chatforge.serve.store import Store
 
 
@@ -42,6 +43,7 @@ class ServeState:
     auth_guard: FailedAuthGuard
     oauth: OAuthVerifier | None
     feedback_work: anyio.CapacityLimiter
+    safeguards: Safeguards
 
 
 @dataclass

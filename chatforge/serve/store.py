@@ -13,12 +13,16 @@ Use it like this::
 SQLite (a file, WAL journal, safe from many threads) by default; PostgreSQL through psycopg 3 (`postgresql://`
 means `postgresql+psycopg://`). Times are stored and returned in UTC. Conversations, corrections and comments pass
 through the same PII redactor as `chatforge prepare` before they are written. Tables: api_keys, requests,
-conversations, feedback (which points at its conversation by completion_id).
+conversations, feedback (which points at its conversation by completion_id), rate_events (the rate limiter's
+sliding windows, shared by every server on the database: see chatforge.serve.limits).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Self
@@ -149,6 +153,19 @@ class FeedbackRow(Base):
     created: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class RateEventRow(Base):
+    """One admitted request of a rate-limited key: when (epoch seconds) and the tokens it holds in the window."""
+
+    __tablename__ = "rate_events"
+    __table_args__ = (sa.Index("ix_rate_events_key_at", "key_id", "at"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    key_id: Mapped[str] = mapped_column(sa.String(64))  # an API key id or a token's rate-limit identity: no FK
+    at: Mapped[float] = mapped_column(sa.Float)
+    tokens: Mapped[int] = mapped_column(sa.Integer)
+    settled: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+
+
 class Store:
     """Keys, request records, conversations and feedback in one SQLAlchemy database; safe to share between threads.
 
@@ -172,6 +189,7 @@ class Store:
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._redactor = Redactor.from_config(pii or PiiConfig())
         self._auth_cache: keys.AuthCache[ApiKey] = keys.AuthCache(ttl_s=auth_cache_s)
+        self._sqlite_writer = threading.Lock()
 
     # --- keys ---------------------------------------------------------------------------------------------------
 
@@ -369,6 +387,36 @@ class Store:
             return [{"id": fb.id, "completion_id": fb.completion_id, "key_id": fb.key_id, "rating": fb.rating,
                      "correction": fb.correction, "comment": fb.comment, "created": fb.created, "model": conv.model,
                      "messages": conv.messages, "answer": conv.answer} for fb, conv in pairs]
+
+    # --- rate windows -----------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def key_window(self, key_id: str) -> Iterator[tuple[Session, float]]:
+        """A transaction holding this key's rate-limit lock, and the database's clock in epoch seconds.
+
+        PostgreSQL: a transaction-scoped advisory lock on the key id (every server on the database waits for it)
+        and the server's clock, so replicas never disagree on time. SQLite: BEGIN IMMEDIATE (one writer per file)
+        and this machine's clock. The lock is released at commit/rollback.
+        """
+        with self._sessions() as session:
+            if self._engine.dialect.name == "postgresql":
+                session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key_id, 7))"),
+                                {"key_id": key_id})
+                now = float(session.scalar(text("SELECT extract(epoch FROM clock_timestamp())")))
+                yield from self._committed(session, now)
+                return
+            with self._sqlite_writer:  # threads of this process queue here rather than in SQLite's busy wait
+                session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+                yield from self._committed(session, time.time())
+
+    @staticmethod
+    def _committed(session: Session, now: float) -> Iterator[tuple[Session, float]]:
+        try:
+            yield session, now
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
 
     # --- upkeep -------------------------------------------------------------------------------------------------
 

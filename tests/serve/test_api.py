@@ -20,9 +20,10 @@ from openai import OpenAI
 from chatforge.config import ServeConfig
 from chatforge.models.run import LoadedRun
 from chatforge.serve.app import create_app
-from chatforge.serve.backends import GenerationInput, UpstreamBackend
+from chatforge.serve.backends import GenerationInput
 from chatforge.serve.engine import Delta
 from chatforge.serve.store import Store
+from chatforge.serve.upstream import UpstreamBackend
 from tests.serve.conftest import RunningServer, gated, running_server, started_server
 
 CHAT = "/v1/chat/completions"

@@ -33,7 +33,7 @@ from chatforge.evaluate.rating_store import RatingStore
 from chatforge.models.run import LoadedRun
 from chatforge.serve import keys
 from chatforge.serve.app import create_app
-from chatforge.serve.backends import UpstreamBackend
+from chatforge.serve.upstream import UpstreamBackend
 from chatforge.serve.store import Store
 from chatforge.train.checkpoints import load_checkpoint, save_checkpoint
 from tests.serve.conftest import RunningServer, running_server, started_server
