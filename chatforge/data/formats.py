@@ -9,6 +9,11 @@ Use it like this::
 
 Problems with a whole file (missing, empty, binary, unknown format) raise `InputError` with a one-line message that
 names the file; problems with one line/row/conversation become a `Rejection` so nothing is dropped silently.
+
+Limits, so one hostile file can neither exhaust memory nor crash the run: a JSONL line over `max_record_bytes` is
+rejected unparsed; JSON nested deeper than MAX_JSON_DEPTH is rejected (a whole JSON array file that deep is an
+error); a CSV field over `max_record_bytes` is an error naming its line; YAML aliases (`*name`, the "billion laughs"
+bomb) are refused; a parquet column prepare reads must hold text, numbers or lists/structs of them, not bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,9 @@ from chatforge.data.records import Message, Record, make_record
 FORMATS = ("openai", "sharegpt", "alpaca", "csv", "tsv", "chatterbot", "transcript", "parquet")
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 KNOWN_SUFFIXES = JSON_SUFFIXES | {".csv", ".tsv", ".yml", ".yaml", ".txt", ".parquet"}
+MAX_JSON_DEPTH = 100  # real records nest ~5 deep; Python's own parser would give up near 1,000 with a RecursionError
+DEFAULT_MAX_RECORD_BYTES = 1_000_000
+PARQUET_RECORD_COLUMNS = ("messages", "conversations", "meta", "weight", "system", "instruction", "input", "output")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "system": "system"}
 
@@ -112,7 +121,7 @@ def detect_format(path: Path) -> str:
                 first = (json.loads(path.read_text(encoding="utf-8")) or [None])[0]
             else:
                 first = json.loads(stripped.splitlines()[0])
-        except (json.JSONDecodeError, IndexError):
+        except (ValueError, IndexError, RecursionError):  # malformed or too deep: decide from the text below
             first = None
         fmt = _json_object_format(first)
         if fmt:
@@ -129,14 +138,16 @@ def detect_format(path: Path) -> str:
     raise InputError(f"{path}: unknown format for suffix '{suffix}' (known: {', '.join(sorted(KNOWN_SUFFIXES))})")
 
 
-def read_file(path: Path, fmt: str, options: FormatOptions) -> Iterator[Item]:
+def read_file(path: Path, fmt: str, options: FormatOptions,
+              max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Item]:
     """Yield records and rejections from one file in the given format."""
     check_readable(path)
     source = str(path)
     if fmt in {"openai", "sharegpt", "alpaca"}:
-        yield from _read_json_records(path, fmt, source)
+        yield from _read_json_records(path, fmt, source, max_record_bytes)
     elif fmt in {"csv", "tsv"}:
-        yield from _read_table(path, "\t" if fmt == "tsv" or path.suffix.lower() == ".tsv" else ",", options, source)
+        delimiter = "\t" if fmt == "tsv" or path.suffix.lower() == ".tsv" else ","
+        yield from _read_table(path, delimiter, options, source, max_record_bytes)
     elif fmt == "chatterbot":
         yield from _read_chatterbot(path, source)
     elif fmt == "transcript":
@@ -194,7 +205,42 @@ def record_from_object(obj: Any, fmt: str, source: str, line: int) -> Item:
     return Rejection(source, line, f"format '{fmt}' has no JSON object reader", obj)
 
 
-def _read_json_records(path: Path, fmt: str, source: str) -> Iterator[Item]:
+def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when lists/dicts nest more than `limit` levels (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
+
+
+def _line_problem(line: str, max_bytes: int) -> str | None:
+    size = len(line)
+    if size * 4 > max_bytes:  # a character is at most 4 UTF-8 bytes: only then is the exact size worth computing
+        size = len(line.encode("utf-8", "replace"))
+    if size > max_bytes:
+        return f"line is {size:,} bytes, over validate.max_record_bytes {max_bytes:,} (content not written)"
+    return None
+
+
+def _parse_json_line(line: str) -> tuple[Any, str | None]:
+    """The parsed line, or why it could not be: malformed, or nested deeper than MAX_JSON_DEPTH."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, f"malformed JSON: {exc.msg} (column {exc.colno})"
+    except RecursionError:
+        return None, f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    # nesting needs brackets: counting them (in C) spares the walk for every ordinary line
+    if line.count("[") + line.count("{") > MAX_JSON_DEPTH and too_deep(obj):
+        return None, f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    return obj, None
+
+
+def _read_json_records(path: Path, fmt: str, source: str, max_record_bytes: int) -> Iterator[Item]:
     with path.open(encoding="utf-8", errors="replace") as handle:
         first = handle.read(1)
         while first and first.isspace():
@@ -205,6 +251,8 @@ def _read_json_records(path: Path, fmt: str, source: str) -> Iterator[Item]:
                 objects = json.load(handle)
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path}:{exc.lineno}: malformed JSON array: {exc.msg}") from None
+            except RecursionError:
+                raise InputError(f"{path}:1: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
             for index, obj in enumerate(objects, start=1):
                 yield record_from_object(obj, fmt, source, index)
             return
@@ -212,10 +260,12 @@ def _read_json_records(path: Path, fmt: str, source: str) -> Iterator[Item]:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield Rejection(source, line_number, f"malformed JSON: {exc.msg} (column {exc.colno})", line.rstrip("\n"))
+            if problem := _line_problem(line, max_record_bytes):
+                yield Rejection(source, line_number, problem, None)
+                continue
+            obj, problem = _parse_json_line(line)
+            if problem:  # a malformed line is kept (redacted later) to be fixed; a bracket bomb is not
+                yield Rejection(source, line_number, problem, None if "nested" in problem else line.rstrip("\n"))
                 continue
             yield record_from_object(obj, fmt, source, line_number)
 
@@ -228,34 +278,64 @@ def _pick_column(header: list[str], candidates: list[str]) -> str | None:
     return None
 
 
-def _read_table(path: Path, delimiter: str, options: FormatOptions, source: str) -> Iterator[Item]:
-    with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+@contextmanager
+def _csv_field_limit(limit: int) -> Iterator[None]:
+    """csv's field size limit (process-wide) set for one read, then restored."""
+    previous = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _read_table(path: Path, delimiter: str, options: FormatOptions, source: str, max_record_bytes: int) -> Iterator[Item]:
+    with path.open(encoding="utf-8", errors="replace", newline="") as handle, _csv_field_limit(max_record_bytes):
         reader = csv.DictReader(handle, delimiter=delimiter)
-        header = reader.fieldnames or []
-        question = _pick_column(header, options.question_columns)
-        answer = _pick_column(header, options.answer_columns)
-        if question is None or answer is None:
-            raise InputError(
-                f"{path}:1: no question/answer columns in header {header}; expected one of "
-                f"{options.question_columns} and one of {options.answer_columns} (set prepare.formats in the config)"
-            )
-        category = _pick_column(header, [options.category_column])
+        try:
+            yield from _table_rows(reader, path, options, source)
+        except csv.Error as exc:  # a field over the limit, a NUL byte, ...: the reader cannot go on past it
+            raise InputError(f"{path}:{reader.line_num}: {exc} (the limit is validate.max_record_bytes)"
+                             if "field larger" in str(exc) else f"{path}:{reader.line_num}: not valid CSV: {exc}") from None
+
+
+def _table_rows(reader: csv.DictReader, path: Path, options: FormatOptions, source: str) -> Iterator[Item]:
+    header = reader.fieldnames or []
+    question = _pick_column(header, options.question_columns)
+    answer = _pick_column(header, options.answer_columns)
+    if question is None or answer is None:
+        raise InputError(
+            f"{path}:1: no question/answer columns in header {header}; expected one of "
+            f"{options.question_columns} and one of {options.answer_columns} (set prepare.formats in the config)"
+        )
+    category = _pick_column(header, [options.category_column])
+    row_start = reader.line_num + 1
+    for row in reader:
+        line = row_start
         row_start = reader.line_num + 1
-        for row in reader:
-            line = row_start
-            row_start = reader.line_num + 1
-            if None in row:
-                yield Rejection(source, line, f"row has {len(header) + len(row[None])} fields, header has {len(header)}", row)
-                continue
-            meta = {"category": row[category]} if category and row.get(category) else {}
-            messages = [{"role": "user", "content": row.get(question)}, {"role": "assistant", "content": row.get(answer)}]
-            yield make_record(messages, source, line, meta=meta)
+        if None in row:
+            yield Rejection(source, line, f"row has {len(header) + len(row[None])} fields, header has {len(header)}", row)
+            continue
+        meta = {"category": row[category]} if category and row.get(category) else {}
+        messages = [{"role": "user", "content": row.get(question)}, {"role": "assistant", "content": row.get(answer)}]
+        yield make_record(messages, source, line, meta=meta)
+
+
+def _refuse_yaml_aliases(path: Path, text: str, loader: Any) -> None:
+    """InputError at the first alias: expanding them is how a 500-byte 'billion laughs' file takes gigabytes."""
+    if "*" not in text:
+        return
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, yaml.AliasEvent):
+            raise InputError(f"{path}:{event.start_mark.line + 1}: YAML alias '*{event.anchor}' refused "
+                             "(aliases can expand without bound); write the value out instead")
 
 
 def _read_chatterbot(path: Path, source: str) -> Iterator[Item]:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    text = path.read_text(encoding="utf-8", errors="replace")
     try:
-        root = yaml.compose(path.read_text(encoding="utf-8", errors="replace"), Loader=loader)
+        _refuse_yaml_aliases(path, text, loader)
+        root = yaml.compose(text, Loader=loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -265,7 +345,7 @@ def _read_chatterbot(path: Path, source: str) -> Iterator[Item]:
     sections = {key.value: value for key, value in root.value if isinstance(key, yaml.ScalarNode)}
     categories = sections.get("categories")
     category = None
-    if isinstance(categories, yaml.SequenceNode) and categories.value:
+    if isinstance(categories, yaml.SequenceNode) and categories.value and isinstance(categories.value[0], yaml.ScalarNode):
         category = str(categories.value[0].value).lower()
     conversations = sections.get("conversations")
     if not isinstance(conversations, yaml.SequenceNode):
@@ -317,18 +397,17 @@ def _read_transcript(path: Path, options: FormatOptions, source: str) -> Iterato
 
 
 def _read_parquet(path: Path, options: FormatOptions, source: str) -> Iterator[Item]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # heavy, and only needed for parquet inputs
 
     try:
-        table = pq.read_table(path)
+        columns = set(pq.read_schema(path).names)
     except Exception as exc:  # pyarrow raises several types for a broken file
         raise InputError(f"{path}: cannot read as parquet: {str(exc).splitlines()[0]}") from None
-    columns = set(table.column_names)
-    rows = table.to_pylist()
     probe = {name: True for name in columns}
     fmt = _json_object_format(probe) if ("instruction" not in columns or "output" in columns) else None
     if fmt:
-        for index, row in enumerate(rows, start=1):
+        wanted = [name for name in PARQUET_RECORD_COLUMNS if name in columns]
+        for index, row in enumerate(_parquet_rows(path, wanted), start=1):
             yield record_from_object(row, fmt, source, index)
         return
     question = _pick_column(list(columns), options.question_columns)
@@ -336,8 +415,34 @@ def _read_parquet(path: Path, options: FormatOptions, source: str) -> Iterator[I
     if question is None or answer is None:
         raise InputError(f"{path}: parquet columns {sorted(columns)} hold no messages/conversations/question-answer")
     category = _pick_column(list(columns), [options.category_column])
-    for index, row in enumerate(rows, start=1):
+    wanted = [name for name in (question, answer, category) if name]
+    for index, row in enumerate(_parquet_rows(path, wanted), start=1):
         meta = {"category": row[category]} if category and row.get(category) else {}
         messages = [{"role": "user", "content": row.get(question)}, {"role": "assistant", "content": row.get(answer)}]
         yield make_record(messages, source, index, meta=meta)
 
+
+def _parquet_rows(path: Path, wanted: list[str]) -> list[dict[str, Any]]:
+    """Rows of the columns prepare reads (others are never loaded); InputError for a column that holds bytes."""
+    import pyarrow.parquet as pq  # heavy, and only needed for parquet inputs
+
+    try:
+        table = pq.read_table(path, columns=wanted)
+    except Exception as exc:  # pyarrow raises several types for a broken file
+        raise InputError(f"{path}: cannot read as parquet: {str(exc).splitlines()[0]}") from None
+    for name, column_type in zip(table.column_names, table.schema.types):
+        if _holds_bytes(column_type):
+            raise InputError(f"{path}: column '{name}' has type {column_type}; prepare reads text, numbers and "
+                             "lists/structs of them (cast the column to string or drop it)")
+    return table.to_pylist()
+
+
+def _holds_bytes(arrow_type: Any) -> bool:
+    """True for a binary type, or a list/struct/map/dictionary type with one inside."""
+    import pyarrow as pa  # heavy, and only needed for parquet inputs
+
+    if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type) or pa.types.is_fixed_size_binary(arrow_type):
+        return True
+    if pa.types.is_dictionary(arrow_type):
+        return _holds_bytes(arrow_type.value_type)
+    return any(_holds_bytes(arrow_type.field(i).type) for i in range(arrow_type.num_fields))

@@ -62,10 +62,11 @@ def fit_to_context(
         "pieces_added": result.pieces_added,
         "truncated": result.truncated,
         "dropped": len(result.dropped),
+        "dropped_pieces": result.dropped_pieces,  # taken out by prepare (records, not card material)
     }
     log(f"tokens per example: median {stats.get('median', 0):.0f}, p95 {stats.get('p95', 0):.0f}, "
         f"max {stats.get('max', 0):.0f}; {result.split_sources} split, {result.truncated} truncated, "
-        f"{len(result.dropped)} dropped")
+        f"{len(result.dropped)} dropped, {len(result.dropped_pieces)} pieces of kept conversations dropped")
     return result.records, result.dropped, info
 
 
