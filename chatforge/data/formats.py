@@ -294,8 +294,9 @@ def _read_table(path: Path, delimiter: str, options: FormatOptions, source: str,
         try:
             yield from _table_rows(reader, path, options, source)
         except csv.Error as exc:  # a field over the limit, a NUL byte, ...: the reader cannot go on past it
-            raise InputError(f"{path}:{reader.line_num}: {exc} (the limit is validate.max_record_bytes)"
-                             if "field larger" in str(exc) else f"{path}:{reader.line_num}: not valid CSV: {exc}") from None
+            line = reader.line_num + 1  # the line being read when it failed
+            raise InputError(f"{path}:{line}: {exc} (the limit is validate.max_record_bytes)" if "field larger" in str(exc)
+                             else f"{path}:{line}: not valid CSV: {exc}") from None
 
 
 def _table_rows(reader: csv.DictReader, path: Path, options: FormatOptions, source: str) -> Iterator[Item]:
