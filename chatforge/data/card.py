@@ -171,7 +171,8 @@ def summary_lines(card: dict[str, Any]) -> list[str]:
     """A few lines for the terminal after `prepare`."""
     counts = card["counts"]
     lines = [
-        f"read {counts['read']}: kept {counts['kept']}, rejected {counts['rejected']}, duplicates {counts['duplicates']}",
+        f"read {counts['read']}: kept {counts['kept']}, rejected {counts['rejected']}, duplicates {counts['duplicates']}"
+        + (f" ({counts['trimmed']} kept after trimming trailing user turns)" if counts.get("trimmed") else ""),
         f"train {counts['train']} / val {counts['val']} / test {counts['test']} examples",
         "PII replaced: " + (", ".join(f"{k} {v}" for k, v in sorted(card["pii_replaced"].items())) or "none"),
     ]

@@ -16,6 +16,7 @@ import pytest
 
 from chatforge.config import PII_TYPES, CleanConfig
 from chatforge.data.clean import CLEANING_STEPS, Cleaner
+from chatforge.data.dedup import normalise_for_dedup
 from chatforge.data.pii import Redactor
 from chatforge.data.pii_detectors import DETECTORS
 from tests.data.adversarial import adversarial_texts
@@ -32,6 +33,7 @@ def _functions() -> dict[str, Callable[[str], object]]:
     functions |= {f"cleaning step {name}": fn for name, fn in CLEANING_STEPS.items()}
     everything_on = CleanConfig(spelling=True, capitalize=True)
     functions["cleaner (every step on, spelling too)"] = Cleaner(everything_on)
+    functions["dedup normalise_for_dedup"] = normalise_for_dedup  # another regex pass over every conversation
     return functions
 
 
