@@ -130,8 +130,8 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines += ["", f"Identity: read {counts['read']} = kept {counts['kept']} + rejected {counts['rejected']} + "
               f"duplicates {counts['duplicates']} (before splitting and augmentation)."]
     if counts.get("trimmed"):
-        lines += ["", f"{counts['trimmed']} conversations ended with user turns that have no answer; those turns were "
-                  "trimmed off and the rest kept (meta.trimmed_turns says how many)."]
+        lines += ["", (f"{counts['trimmed']} conversations ended with user turns that have no answer; those turns were "
+                       "trimmed off and the rest kept (meta.trimmed_turns says how many).")]
     if card["rejection_reasons"]:
         lines += ["", "## Why records were rejected (see rejected.jsonl)", "", "| reason | records |", "|---|---:|"]
         lines += [f"| {reason} | {n} |" for reason, n in card["rejection_reasons"].items()]

@@ -18,49 +18,23 @@ bomb) are refused; a parquet column prepare reads must hold text, numbers or lis
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from chatforge.config import FormatOptions
-from chatforge.data.records import Message, Record, make_record
+from chatforge.data.items import InputError, Item, Rejection, json_object_format, record_from_object
+from chatforge.data.records import Message, make_record
+from chatforge.data.tables import read_parquet, read_table
 
 FORMATS = ("openai", "sharegpt", "alpaca", "csv", "tsv", "chatterbot", "transcript", "parquet")
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 KNOWN_SUFFIXES = JSON_SUFFIXES | {".csv", ".tsv", ".yml", ".yaml", ".txt", ".parquet"}
 MAX_JSON_DEPTH = 100  # real records nest ~5 deep; Python's own parser would give up near 1,000 with a RecursionError
 DEFAULT_MAX_RECORD_BYTES = 1_000_000
-PARQUET_RECORD_COLUMNS = ("messages", "conversations", "meta", "weight", "system", "instruction", "input", "output")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-                  "chatgpt": "assistant", "model": "assistant", "system": "system"}
-
-
-class InputError(ValueError):
-    """A whole input file cannot be read; the message is one line that starts with the file name."""
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """One input item that did not become a valid record: where it was, why, and what it held."""
-
-    source: str
-    line: int
-    reason: str
-    raw: Any = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "line": self.line, "reason": self.reason, "record": self.raw}
-
-
-Item = Record | Rejection
-
-
 def _head(path: Path, size: int = 8192) -> bytes:
     with path.open("rb") as handle:
         return handle.read(size)
@@ -84,18 +58,6 @@ def check_readable(path: Path) -> None:
     except UnicodeDecodeError as exc:
         if exc.start < len(head) - 4:  # a multi-byte character cut at the end of the sample is fine
             raise InputError(f"{path}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
-
-
-def _json_object_format(obj: Any) -> str | None:
-    if not isinstance(obj, dict):
-        return None
-    if "messages" in obj:
-        return "openai"
-    if "conversations" in obj:
-        return "sharegpt"
-    if "instruction" in obj and "output" in obj:
-        return "alpaca"
-    return None
 
 
 def detect_format(path: Path) -> str:
@@ -123,7 +85,7 @@ def detect_format(path: Path) -> str:
                 first = json.loads(stripped.splitlines()[0])
         except (ValueError, IndexError, RecursionError):  # malformed or too deep: decide from the text below
             first = None
-        fmt = _json_object_format(first)
+        fmt = json_object_format(first)
         if fmt:
             return fmt
         for key, fmt_name in (('"messages"', "openai"), ('"conversations"', "sharegpt"), ('"instruction"', "alpaca")):
@@ -147,62 +109,15 @@ def read_file(path: Path, fmt: str, options: FormatOptions,
         yield from _read_json_records(path, fmt, source, max_record_bytes)
     elif fmt in {"csv", "tsv"}:
         delimiter = "\t" if fmt == "tsv" or path.suffix.lower() == ".tsv" else ","
-        yield from _read_table(path, delimiter, options, source, max_record_bytes)
+        yield from read_table(path, delimiter, options, source, max_record_bytes)
     elif fmt == "chatterbot":
         yield from _read_chatterbot(path, source)
     elif fmt == "transcript":
         yield from _read_transcript(path, options, source)
     elif fmt == "parquet":
-        yield from _read_parquet(path, options, source)
+        yield from read_parquet(path, options, source)
     else:
         raise InputError(f"{path}: unknown format '{fmt}' (known: {', '.join(FORMATS)})")
-
-
-def record_from_object(obj: Any, fmt: str, source: str, line: int) -> Item:
-    """Turn one parsed JSON/parquet object in `fmt` into a record, or a Rejection saying what is missing."""
-    if not isinstance(obj, dict):
-        return Rejection(source, line, f"expected a JSON object, got {type(obj).__name__}", obj)
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    if fmt == "openai":
-        messages = obj.get("messages")
-        if not isinstance(messages, list):
-            return Rejection(source, line, "field 'messages' is missing or not a list", obj)
-        parsed: list[Message] = []
-        for position, message in enumerate(messages, start=1):
-            if not isinstance(message, dict):
-                return Rejection(source, line, f"message {position} is not an object", obj)
-            content = message.get("content")
-            if isinstance(content, list):  # OpenAI content parts: keep the text parts
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            entry = {"role": message.get("role"), "content": content}
-            if message.get("weight") in (0, 1):
-                entry["weight"] = message["weight"]
-            parsed.append(entry)
-        weight = obj.get("weight") if isinstance(obj.get("weight"), (int, float)) else None
-        return make_record(parsed, source, line, meta=meta, weight=weight)
-    if fmt == "sharegpt":
-        turns = obj.get("conversations")
-        if not isinstance(turns, list):
-            return Rejection(source, line, "field 'conversations' is missing or not a list", obj)
-        parsed = []
-        for position, turn in enumerate(turns, start=1):
-            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-                return Rejection(source, line, f"turn {position} needs 'from' and 'value'", obj)
-            speaker = str(turn["from"])
-            parsed.append({"role": SHAREGPT_ROLES.get(speaker.lower(), speaker), "content": turn["value"]})
-        if isinstance(obj.get("system"), str) and obj["system"].strip():
-            parsed.insert(0, {"role": "system", "content": obj["system"]})
-        return make_record(parsed, source, line, meta=meta)
-    if fmt == "alpaca":
-        instruction, extra_input, output = obj.get("instruction"), obj.get("input") or "", obj.get("output")
-        if not isinstance(instruction, str) or not isinstance(output, str):
-            return Rejection(source, line, "fields 'instruction' and 'output' must be strings", obj)
-        prompt = f"{instruction}\n\n{extra_input}" if isinstance(extra_input, str) and extra_input.strip() else instruction
-        parsed = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-        if isinstance(obj.get("system"), str) and obj["system"].strip():
-            parsed.insert(0, {"role": "system", "content": obj["system"]})
-        return make_record(parsed, source, line, meta=meta)
-    return Rejection(source, line, f"format '{fmt}' has no JSON object reader", obj)
 
 
 def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
@@ -268,57 +183,6 @@ def _read_json_records(path: Path, fmt: str, source: str, max_record_bytes: int)
                 yield Rejection(source, line_number, problem, None if "nested" in problem else line.rstrip("\n"))
                 continue
             yield record_from_object(obj, fmt, source, line_number)
-
-
-def _pick_column(header: list[str], candidates: list[str]) -> str | None:
-    lowered = {name.strip().lower(): name for name in header}
-    for candidate in candidates:
-        if candidate.lower() in lowered:
-            return lowered[candidate.lower()]
-    return None
-
-
-@contextmanager
-def _csv_field_limit(limit: int) -> Iterator[None]:
-    """csv's field size limit (process-wide) set for one read, then restored."""
-    previous = csv.field_size_limit(limit)
-    try:
-        yield
-    finally:
-        csv.field_size_limit(previous)
-
-
-def _read_table(path: Path, delimiter: str, options: FormatOptions, source: str, max_record_bytes: int) -> Iterator[Item]:
-    with path.open(encoding="utf-8", errors="replace", newline="") as handle, _csv_field_limit(max_record_bytes):
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        try:
-            yield from _table_rows(reader, path, options, source)
-        except csv.Error as exc:  # a field over the limit, a NUL byte, ...: the reader cannot go on past it
-            line = reader.line_num + 1  # the line being read when it failed
-            raise InputError(f"{path}:{line}: {exc} (the limit is validate.max_record_bytes)" if "field larger" in str(exc)
-                             else f"{path}:{line}: not valid CSV: {exc}") from None
-
-
-def _table_rows(reader: csv.DictReader, path: Path, options: FormatOptions, source: str) -> Iterator[Item]:
-    header = reader.fieldnames or []
-    question = _pick_column(header, options.question_columns)
-    answer = _pick_column(header, options.answer_columns)
-    if question is None or answer is None:
-        raise InputError(
-            f"{path}:1: no question/answer columns in header {header}; expected one of "
-            f"{options.question_columns} and one of {options.answer_columns} (set prepare.formats in the config)"
-        )
-    category = _pick_column(header, [options.category_column])
-    row_start = reader.line_num + 1
-    for row in reader:
-        line = row_start
-        row_start = reader.line_num + 1
-        if None in row:
-            yield Rejection(source, line, f"row has {len(header) + len(row[None])} fields, header has {len(header)}", row)
-            continue
-        meta = {"category": row[category]} if category and row.get(category) else {}
-        messages = [{"role": "user", "content": row.get(question)}, {"role": "assistant", "content": row.get(answer)}]
-        yield make_record(messages, source, line, meta=meta)
 
 
 def _refuse_yaml_aliases(path: Path, text: str, loader: Any) -> None:
@@ -397,53 +261,3 @@ def _read_transcript(path: Path, options: FormatOptions, source: str) -> Iterato
         yield from flush()
 
 
-def _read_parquet(path: Path, options: FormatOptions, source: str) -> Iterator[Item]:
-    import pyarrow.parquet as pq  # heavy, and only needed for parquet inputs
-
-    try:
-        columns = set(pq.read_schema(path).names)
-    except Exception as exc:  # pyarrow raises several types for a broken file
-        raise InputError(f"{path}: cannot read as parquet: {str(exc).splitlines()[0]}") from None
-    probe = {name: True for name in columns}
-    fmt = _json_object_format(probe) if ("instruction" not in columns or "output" in columns) else None
-    if fmt:
-        wanted = [name for name in PARQUET_RECORD_COLUMNS if name in columns]
-        for index, row in enumerate(_parquet_rows(path, wanted), start=1):
-            yield record_from_object(row, fmt, source, index)
-        return
-    question = _pick_column(list(columns), options.question_columns)
-    answer = _pick_column(list(columns), options.answer_columns)
-    if question is None or answer is None:
-        raise InputError(f"{path}: parquet columns {sorted(columns)} hold no messages/conversations/question-answer")
-    category = _pick_column(list(columns), [options.category_column])
-    wanted = [name for name in (question, answer, category) if name]
-    for index, row in enumerate(_parquet_rows(path, wanted), start=1):
-        meta = {"category": row[category]} if category and row.get(category) else {}
-        messages = [{"role": "user", "content": row.get(question)}, {"role": "assistant", "content": row.get(answer)}]
-        yield make_record(messages, source, index, meta=meta)
-
-
-def _parquet_rows(path: Path, wanted: list[str]) -> list[dict[str, Any]]:
-    """Rows of the columns prepare reads (others are never loaded); InputError for a column that holds bytes."""
-    import pyarrow.parquet as pq  # heavy, and only needed for parquet inputs
-
-    try:
-        table = pq.read_table(path, columns=wanted)
-    except Exception as exc:  # pyarrow raises several types for a broken file
-        raise InputError(f"{path}: cannot read as parquet: {str(exc).splitlines()[0]}") from None
-    for name, column_type in zip(table.column_names, table.schema.types):
-        if _holds_bytes(column_type):
-            raise InputError(f"{path}: column '{name}' has type {column_type}; prepare reads text, numbers and "
-                             "lists/structs of them (cast the column to string or drop it)")
-    return table.to_pylist()
-
-
-def _holds_bytes(arrow_type: Any) -> bool:
-    """True for a binary type, or a list/struct/map/dictionary type with one inside."""
-    import pyarrow as pa  # heavy, and only needed for parquet inputs
-
-    if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type) or pa.types.is_fixed_size_binary(arrow_type):
-        return True
-    if pa.types.is_dictionary(arrow_type):
-        return _holds_bytes(arrow_type.value_type)
-    return any(_holds_bytes(arrow_type.field(i).type) for i in range(arrow_type.num_fields))

@@ -72,7 +72,7 @@ def test_pii_outside_message_text_never_reaches_any_output(tmp_path: Path) -> No
     rejected = (tmp_path / "out" / "rejected.jsonl").read_text()
     assert "mail [EMAIL] or [SSN]" in rejected  # the raw line, unescaped then redacted
     assert "[EMAIL]" in (tmp_path / "out" / "card.json").read_text() or "[EMAIL]" in written
-    assert f"export-[IP_ADDRESS].jsonl" in (tmp_path / "out" / "manifest.json").read_text()
+    assert "export-[IP_ADDRESS].jsonl" in (tmp_path / "out" / "manifest.json").read_text()
 
 
 def test_json_unescape_undoes_escapes_in_one_pass() -> None:
