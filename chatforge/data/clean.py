@@ -62,7 +62,8 @@ _ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]
 # Control characters go (tab and '\n' stay); other systems' line breaks (\r, form feed, U+2028, ...) become '\n'.
 _LINE_BREAK_CHARACTERS = "\r\x0b\x0c\x85\u2028\u2029"
 _ASCII_CONTROL_BYTES = bytes([*range(0, 9), *range(11, 32), 127])  # all but tab and newline
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u200b\u2028\u2029\ufeff]")
+# (Lone surrogates, from a JSON '\ud800' escape, go too: they cannot be written as UTF-8.)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u200b\u2028\u2029\ufeff\ud800-\udfff]")
 _PUNCTUATION_RUN = re.compile(r"[!?]{4,}|\.{4,}|,{2,}")
 # Two or more spaces/tabs, one tab, or one space before a line break; `_replace_space_run` decides what each becomes.
 # (Starting every branch with the same character class lets the regex engine skip ahead fast.)

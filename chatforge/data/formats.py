@@ -152,7 +152,20 @@ def _parse_json_line(line: str) -> tuple[Any, str | None]:
     # nesting needs brackets: counting them (in C) spares the walk for every ordinary line
     if line.count("[") + line.count("{") > MAX_JSON_DEPTH and too_deep(obj):
         return None, f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    if "\\ud" in line or "\\uD" in line:  # maybe a lone surrogate escape: UTF-8 (files, tokenizers) cannot hold one
+        obj = without_lone_surrogates(obj)
     return obj, None
+
+
+def without_lone_surrogates(value: Any) -> Any:
+    """`value` with lone surrogates in its strings (and keys) replaced by U+FFFD; nesting is already bounded."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {without_lone_surrogates(k): without_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _read_json_records(path: Path, fmt: str, source: str, max_record_bytes: int) -> Iterator[Item]:

@@ -175,6 +175,18 @@ def test_parquet_meta_with_dates_is_written_as_text(tmp_path: Path) -> None:
     assert report.counts["kept"] == 1 and record["meta"]["category"] == "2024-05-01"
 
 
+def test_lone_surrogate_escapes_neither_crash_nor_reach_the_output(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "bad \\ud800 text"}, '
+                    '{"role": "assistant", "content": "ok"}], "meta": {"k": "\\udfff"}}\n', encoding="utf-8")
+    for clean in (True, False):
+        out = tmp_path / f"out-{clean}"
+        report = prepare([path], out, no_fit(clean={"enabled": clean}))
+        [record] = [r for name in ("train", "val", "test") for r in outputs(out)[name]]
+        assert report.counts["kept"] == 1 and record["messages"][0]["content"] == "bad \ufffd text"
+        assert record["meta"]["k"] == "\ufffd"
+
+
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
