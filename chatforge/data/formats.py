@@ -242,18 +242,19 @@ def _read_transcript(path: Path, options: FormatOptions, source: str) -> Iterato
     labels = {label.lower(): "user" for label in options.user_labels}
     labels |= {label.lower(): "assistant" for label in options.assistant_labels}
     labels |= {label.lower(): "system" for label in options.system_labels}
-    messages: list[Message] = []
+    turns: list[tuple[str, list[str]]] = []  # role and lines; joined once at the end (+= would copy per line)
     start_line = 0
     unlabeled: tuple[int, str] | None = None
 
     def flush() -> Iterator[Item]:
-        nonlocal messages, unlabeled
+        nonlocal turns, unlabeled
         if unlabeled is not None:
             yield Rejection(source, unlabeled[0], f"line does not start with a speaker label ({', '.join(labels)})",
                             unlabeled[1])
-        elif messages:
+        elif turns:
+            messages: list[Message] = [{"role": role, "content": "\n".join(lines)} for role, lines in turns]
             yield make_record(messages, source, start_line)
-        messages, unlabeled = [], None
+        turns, unlabeled = [], None
 
     with path.open(encoding="utf-8", errors="replace") as handle:
         for line_number, raw_line in enumerate(handle, start=1):
@@ -263,12 +264,12 @@ def _read_transcript(path: Path, options: FormatOptions, source: str) -> Iterato
                 continue
             label, sep, rest = line.partition(":")
             role = labels.get(label.strip().lower()) if sep else None
-            if not messages and unlabeled is None:
+            if not turns and unlabeled is None:
                 start_line = line_number
             if role:
-                messages.append({"role": role, "content": rest.strip()})
-            elif messages:  # a continuation of the previous message
-                messages[-1]["content"] += "\n" + line.strip()
+                turns.append((role, [rest.strip()]))
+            elif turns:  # a continuation of the previous message
+                turns[-1][1].append(line.strip())
             elif unlabeled is None:
                 unlabeled = (line_number, line)
         yield from flush()

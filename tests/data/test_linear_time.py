@@ -11,12 +11,15 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from chatforge.config import PII_TYPES, CleanConfig
+from chatforge.config import PII_TYPES, CleanConfig, FormatOptions
 from chatforge.data.clean import CLEANING_STEPS, Cleaner
 from chatforge.data.dedup import normalise_for_dedup
+from chatforge.data.formats import read_file
 from chatforge.data.pii import Redactor
 from chatforge.data.pii_detectors import DETECTORS
 from tests.data.adversarial import adversarial_texts
@@ -41,7 +44,7 @@ FUNCTIONS = _functions()
 SMALL_TEXTS, LARGE_TEXTS = adversarial_texts(SMALL), adversarial_texts(LARGE)
 
 
-def fastest_of(function: Callable[[str], object], text: str, runs: int) -> float:
+def fastest_of(function: Callable[[Any], object], text: Any, runs: int) -> float:
     best = float("inf")
     gc.disable()
     try:
@@ -77,3 +80,15 @@ def test_linear_time_on_adversarial_text(function_name: str) -> None:
     function = FUNCTIONS[function_name]
     slow = [problem for name in SMALL_TEXTS if (problem := too_slow(function, name))]
     assert not slow, f"{function_name} is not linear (limit {MAX_RATIO}x and {MAX_LARGE_SECONDS} s): {slow}"
+
+
+def test_transcript_reader_is_linear_in_continuation_lines(tmp_path: Path) -> None:
+    def read(path: Path) -> None:
+        list(read_file(path, "transcript", FormatOptions()))
+
+    paths = {}
+    for lines in (20_000, 200_000):  # 0.3 MB and 3 MB in one message (the old `+=` copied it once per line)
+        paths[lines] = tmp_path / f"t{lines}.txt"
+        paths[lines].write_text("User: hi\nAgent: start\n" + "more words here\n" * lines)
+    small, large = fastest_of(read, paths[20_000], 3), fastest_of(read, paths[200_000], 2)
+    assert large <= max(MAX_RATIO * small, NOISE_FLOOR_SECONDS) and large <= MAX_LARGE_SECONDS, (small, large)
