@@ -31,6 +31,11 @@ with a digit finds the places worth a look (the regex engine skips prose between
 only there. Keys and tokens are found through their digits too, so one without any digit is missed (a random base62
 key of 32 chars has none 0.4% of the time, of 40 chars 0.1%), except AWS ids and Bearer tokens, which are found by
 their literal start. Nothing here logs or keeps the original values.
+
+Safe on untrusted text of any size (the API server redacts what users send): every detector is linear in the text's
+length (bounded matches at seeds, each run judged once; see `pii_detectors`), and overlapping hits are resolved
+with a coverage map, not by comparing every pair. tests/data/test_linear_time.py checks each registered detector
+on 10 KB vs 100 KB of adversarial text.
 """
 
 from __future__ import annotations

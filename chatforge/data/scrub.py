@@ -85,10 +85,12 @@ class Scrubber:
             return f"[nested deeper than {MAX_JSON_DEPTH} levels]"
         if isinstance(value, dict):
             scrubbed: dict[str, Any] = {}
+            repeats: Counter[str] = Counter()  # two keys redacted alike ('[EMAIL]') must not overwrite each other
             for key, item in value.items():
                 name = self.text(key if isinstance(key, str) else str(key))
-                while name in scrubbed:  # two keys redacted alike ('[EMAIL]') must not overwrite each other
-                    name += "'"
+                while name in scrubbed:  # '[EMAIL]', '[EMAIL] #2', ...: one lookup per key, not one per earlier twin
+                    repeats[name] += 1
+                    name = f"{name} #{repeats[name] + 1}"
                 scrubbed[name] = self.tree(item, depth + 1)
             return scrubbed
         if isinstance(value, (list, tuple)):

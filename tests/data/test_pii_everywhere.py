@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatforge.config import FitConfig, PrepareConfig
+from chatforge.data.pii import Redactor
 from chatforge.data.prepare import prepare
-from chatforge.data.scrub import json_unescape
+from chatforge.data.scrub import Scrubber, json_unescape
 from tests.data.messy import PLANTED_PII
 
 # (what is written into the input, the part that must never come out)
@@ -132,3 +133,8 @@ def test_property_no_planted_value_in_any_output_and_every_record_accounted_for(
         assert len(written["train"]) + len(written["val"]) + len(written["test"]) == counts["kept"]
         assert (len(written["rejected"]), len(written["duplicates"])) == (counts["rejected"], counts["duplicates"])
         assert leaked(everything_written(root / "out", log_lines)) == []
+
+
+def test_keys_redacted_alike_keep_every_value() -> None:
+    tree = Scrubber(Redactor()).tree({"a@b.io": 1, "c@d.io": {"e@f.io": [2, b"\x00\x01"]}, "x": float("nan")})
+    assert tree == {"[EMAIL]": 1, "[EMAIL] #2": {"[EMAIL]": [2, "[2 bytes]"]}, "x": "nan"}
