@@ -28,6 +28,7 @@ STEP_ROWS = [
     ("dropped_over_max_tokens", "dropped as too long (fit)"),
     ("pieces_dropped", "pieces of kept long conversations dropped (fit; in rejected.jsonl, not in the identity)"),
     ("capped_by_balance", "removed by balance cap"),
+    ("pieces_capped", "further pieces of those capped conversations (in rejected.jsonl, not in the identity)"),
     ("kept", "kept (source records)"),
     ("train_sources", "train (source records)"),
     ("val_sources", "val (source records)"),

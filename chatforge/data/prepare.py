@@ -197,7 +197,15 @@ def prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, log: Log = lambda
 
 def _prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, scrub: Scrubber, log: Log) -> PrepareReport:
     from chatforge.data.card import write_card
-    from chatforge.data.steps import balance_cap, balance_upsample, augment_train, deduplicate, fit_to_context, split
+    from chatforge.data.steps import (
+        augment_train,
+        balance_cap,
+        balance_upsample,
+        deduplicate,
+        fit_to_context,
+        group_key,
+        split,
+    )
 
     manifest = Manifest.start("prepare", config=scrub.tree(cfg.model_dump(mode="json")))
     files = expand_inputs(inputs)
@@ -226,16 +234,18 @@ def _prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, scrub: Scrubber,
     counts["pieces_dropped"] = len(dropped_pieces)
 
     with manifest.timed("balance"):
-        records, capped, balance_info = balance_cap(records, cfg.balance)
+        records, capped, capped_pieces, balance_info = balance_cap(records, cfg.balance)
     rejected.extend(_rejected_record(record, reason) for record, reason in capped)
-    counts["capped_by_balance"] = len(capped)
+    dropped_pieces += [_rejected_record(piece, f"a further piece of a conversation capped by balance: {reason}")
+                       for piece, reason in capped_pieces]
+    counts |= {"capped_by_balance": len(capped), "pieces_capped": len(capped_pieces)}
 
     with manifest.timed("split"):
         train, val, test = split(records, cfg.split)
-    kept_sources = {r["meta"].get("group", r["id"]) for r in records}
+    kept_sources = {group_key(r) for r in records}
     counts |= {"kept": len(kept_sources), "rejected": len(rejected)}
     for name, part in (("train", train), ("val", val), ("test", test)):
-        counts[f"{name}_sources"] = len({r["meta"].get("group", r["id"]) for r in part})
+        counts[f"{name}_sources"] = len({group_key(r) for r in part})
     if counts["read"] != counts["kept"] + counts["rejected"] + counts["duplicates"]:
         raise RuntimeError(f"record accounting does not add up: {counts}")  # a bug in chatforge, never user error
 

@@ -220,3 +220,26 @@ def test_out_folder_with_other_files_keeps_them(tmp_path: Path) -> None:
     (tmp_path / "out" / "NOTES.md").write_text("mine")
     prepare([write_lines(tmp_path / "a.jsonl", [chat("q", "a")])], tmp_path / "out", no_fit())
     assert (tmp_path / "out" / "NOTES.md").read_text() == "mine" and (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_balance_cap_removes_split_conversations_whole(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
+    records = []
+    for i in range(12):  # long 'billing' conversations that fit splits into pieces, and a few short 'outage' ones
+        turns: list[str] = []
+        for k in range(6):
+            turns += [f"Invoice question {i}.{k}: why was I charged twice for plan {k}?",
+                      f"Answer {i}.{k}: the second charge for plan {k} is a hold that disappears in a few days."]
+        records.append({**chat(*turns), "meta": {"category": "billing"}})
+    records += [{**chat(f"is outage {i} fixed?", f"yes, outage {i} is fixed"), "meta": {"category": "outage"}}
+                for i in range(3)]
+    cfg = PrepareConfig(fit=FitConfig(model=str(tiny_tokenizer_dir), max_tokens=96), balance={"enabled": True},
+                        dedup={"near": False})
+    report = prepare([write_lines(tmp_path / "c.jsonl", records)], tmp_path / "out", cfg)
+    counts = report.counts
+    assert_identity(counts)
+    assert counts["pieces_from_long_conversations"] > 0 and counts["capped_by_balance"] == 9
+    written = outputs(tmp_path / "out")
+    kept_groups = {r["meta"].get("group", r["id"]) for name in ("train", "val", "test") for r in written[name]}
+    capped_groups = {r["record"]["meta"].get("group") for r in written["rejected"]}
+    assert len(kept_groups) == counts["kept"] == 6 and not kept_groups & capped_groups
+    assert len(written["rejected"]) == counts["rejected"] + counts["pieces_dropped"] + counts["pieces_capped"]
