@@ -11,6 +11,7 @@ models exactly (unknown keys are an error, so typos are caught), and `chatforge 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,13 +142,29 @@ def parse_split(text: str) -> tuple[float, float, float]:
     return (numbers[0] / total, numbers[1] / total, numbers[2] / total)
 
 
+class ValidateConfig(StrictModel):
+    """What makes a record acceptable, and the limits that keep one hostile record from hurting the run."""
+
+    trailing_user: Literal["trim", "reject"] = Field(
+        default="trim", description="a conversation that ends with user turns: trim them off and keep the rest "
+        "(counted as 'trimmed' in the card), or reject it; one with no assistant turn left is rejected either way")
+    max_record_bytes: int = Field(default=1_000_000, ge=1024, description="a record (JSONL line, CSV row, ...) "
+                                  "larger than this goes to rejected.jsonl, without its content")
+
+
+# `prepare.validate` is the name users write; pydantic only warns that it hides the deprecated BaseModel.validate.
+warnings.filterwarnings("ignore", message='Field name "validate" in "PrepareConfig" shadows', category=UserWarning)
+
+
 class PrepareConfig(StrictModel):
     """Settings of `chatforge prepare`; each step can be switched off."""
 
     format: str | None = Field(default=None, description="force one input format instead of auto-detection")
     formats: FormatOptions = FormatOptions()
     strict: bool = Field(default=False, description="stop at the first invalid record (exit 2)")
-    require_assistant_last: bool = True
+    require_assistant_last: bool = Field(default=True, description="false keeps conversations that end with a user "
+                                         "turn as they are (e.g. prompts for evaluation); see validate.trailing_user")
+    validate: ValidateConfig = ValidateConfig()
     clean: CleanConfig = CleanConfig()
     pii: PiiConfig = PiiConfig()
     dedup: DedupConfig = DedupConfig()

@@ -36,6 +36,7 @@ def prepare(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="project file (default ./chatforge.yaml)")] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="force a format: openai, sharegpt, alpaca, csv, tsv, chatterbot, transcript, parquet")] = None,
     strict: Annotated[bool | None, typer.Option("--strict/--no-strict", help="stop at the first invalid record")] = None,
+    trailing_user: Annotated[str | None, typer.Option(help="conversations ending with user turns: trim (keep the rest) or reject")] = None,
     split: Annotated[str | None, typer.Option(help="train/val/test ratios, e.g. 80/10/10")] = None,
     seed: Annotated[int | None, typer.Option(help="seed for split, balance and augmentation")] = None,
     model: Annotated[str | None, typer.Option(help="tokenizer for token counts: HF dir, hub id or .gguf")] = None,
@@ -60,7 +61,7 @@ def prepare(
     try:
         project = load_project(config)
         overrides: dict[str, Any] = {
-            "format": fmt, "strict": strict, "split.seed": seed, "balance.seed": seed, "augment.seed": seed,
+            "format": fmt, "strict": strict, "validate.trailing_user": trailing_user, "split.seed": seed, "balance.seed": seed, "augment.seed": seed,
             "fit.model": model, "fit.chat_template": chat_template, "fit.max_tokens": max_tokens,
             "fit.overflow": overflow, "clean.enabled": clean, "pii.enabled": pii, "dedup.enabled": dedup,
             "dedup.threshold": dedup_threshold, "fit.enabled": fit, "balance.enabled": balance,

@@ -21,11 +21,14 @@ from chatforge.config import PrepareConfig
 
 STEP_ROWS = [
     ("read", "records read"),
-    ("invalid", "rejected as invalid (validate)"),
+    ("trimmed", "kept after trimming trailing user turns (validate.trailing_user: trim)"),
+    ("invalid", "rejected as invalid or too large (validate)"),
     ("empty_after_cleaning", "rejected as empty after cleaning"),
     ("duplicates", "removed as duplicates"),
     ("dropped_over_max_tokens", "dropped as too long (fit)"),
+    ("pieces_dropped", "pieces of kept long conversations dropped (fit; in rejected.jsonl, not in the identity)"),
     ("capped_by_balance", "removed by balance cap"),
+    ("pieces_capped", "further pieces of those capped conversations (in rejected.jsonl, not in the identity)"),
     ("kept", "kept (source records)"),
     ("train_sources", "train (source records)"),
     ("val_sources", "val (source records)"),
@@ -37,6 +40,18 @@ STEP_ROWS = [
     ("val", "val examples written"),
     ("test", "test examples written"),
 ]
+
+
+MAX_REASON_KINDS = 50  # more distinct reasons are summed in one 'other reasons' row, so the table still adds up
+
+
+def rejection_reasons(rejected: list[dict[str, Any]]) -> dict[str, int]:
+    """Each kind of rejection reason with how many records it rejected, most frequent first (adds up to the total)."""
+    kinds = Counter(_reason_kind(entry["reason"]) for entry in rejected).most_common()
+    reasons = dict(kinds[:MAX_REASON_KINDS])
+    if len(kinds) > MAX_REASON_KINDS:
+        reasons["other reasons"] = sum(n for _, n in kinds[MAX_REASON_KINDS:])
+    return reasons
 
 
 def _reason_kind(reason: str) -> str:
@@ -84,7 +99,7 @@ def write_card(
     card = {
         "sources": [{"file": path, "format": fmt} for path, fmt in formats.items()],
         "counts": counts,
-        "rejection_reasons": dict(Counter(_reason_kind(r["reason"]) for r in rejected).most_common(20)),
+        "rejection_reasons": rejection_reasons(rejected),
         "pii_replaced": pii_counts,
         "tokens": {
             "model": fit_info.get("model"),
@@ -115,6 +130,9 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines += [f"| {label} | {counts[key]} |" for key, label in STEP_ROWS if key in counts]
     lines += ["", f"Identity: read {counts['read']} = kept {counts['kept']} + rejected {counts['rejected']} + "
               f"duplicates {counts['duplicates']} (before splitting and augmentation)."]
+    if counts.get("trimmed"):
+        lines += ["", (f"{counts['trimmed']} conversations ended with user turns that have no answer; those turns were "
+                       "trimmed off and the rest kept (meta.trimmed_turns says how many).")]
     if card["rejection_reasons"]:
         lines += ["", "## Why records were rejected (see rejected.jsonl)", "", "| reason | records |", "|---|---:|"]
         lines += [f"| {reason} | {n} |" for reason, n in card["rejection_reasons"].items()]
@@ -154,7 +172,8 @@ def summary_lines(card: dict[str, Any]) -> list[str]:
     """A few lines for the terminal after `prepare`."""
     counts = card["counts"]
     lines = [
-        f"read {counts['read']}: kept {counts['kept']}, rejected {counts['rejected']}, duplicates {counts['duplicates']}",
+        f"read {counts['read']}: kept {counts['kept']}, rejected {counts['rejected']}, duplicates {counts['duplicates']}"
+        + (f" ({counts['trimmed']} kept after trimming trailing user turns)" if counts.get("trimmed") else ""),
         f"train {counts['train']} / val {counts['val']} / test {counts['test']} examples",
         "PII replaced: " + (", ".join(f"{k} {v}" for k, v in sorted(card["pii_replaced"].items())) or "none"),
     ]

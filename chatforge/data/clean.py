@@ -52,14 +52,18 @@ _TAG = re.compile(
     r"(?:" + _ATTRIBUTE + r")*\s*/?>",
     re.IGNORECASE,
 )
-_SCRIPT_OR_COMMENT = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
+# Where a <script>/<style> block or a comment opens, and what closes each; `_drop_blocks` pairs them in one pass.
+_BLOCK_OPENING = re.compile(r"<(?:(script|style)\b|!--)", re.IGNORECASE)
+_BLOCK_CLOSING = {"script": re.compile(r"</script\s*>", re.IGNORECASE), "style": re.compile(r"</style\s*>", re.IGNORECASE),
+                  "comment": re.compile("-->")}
 # Entities need their ';': html.unescape alone would turn "&notice" into "¬ice".
 _ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
 
 # Control characters go (tab and '\n' stay); other systems' line breaks (\r, form feed, U+2028, ...) become '\n'.
 _LINE_BREAK_CHARACTERS = "\r\x0b\x0c\x85\u2028\u2029"
 _ASCII_CONTROL_BYTES = bytes([*range(0, 9), *range(11, 32), 127])  # all but tab and newline
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u200b\u2028\u2029\ufeff]")
+# (Lone surrogates, from a JSON '\ud800' escape, go too: they cannot be written as UTF-8.)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u200b\u2028\u2029\ufeff\ud800-\udfff]")
 _PUNCTUATION_RUN = re.compile(r"[!?]{4,}|\.{4,}|,{2,}")
 # Two or more spaces/tabs, one tab, or one space before a line break; `_replace_space_run` decides what each becomes.
 # (Starting every branch with the same character class lets the regex engine skip ahead fast.)
@@ -74,6 +78,9 @@ _PUNCTUATION_AROUND_WORDS = ".,!?;:\"'()"
 _FIRST_WORD = re.compile(r"\s*(?P<word>[a-z]\S*)")
 _SENTENCE_BREAK = re.compile(r"[.!?][\"')\]]*\s+(?=(?P<word>[a-z]\S*))")
 _ABBREVIATIONS = {"e.g.", "i.e.", "etc.", "vs.", "cf.", "approx.", "incl.", "esp.", "no.", "ca."}
+_LONGEST_ABBREVIATION = max(map(len, _ABBREVIATIONS))
+MAX_SPELLING_WORD = 30
+"""Longer words are left as they are: no English word needs it, and edit-distance candidates grow with the square."""
 
 
 class Cleaner:
@@ -83,33 +90,30 @@ class Cleaner:
         self.cfg = cfg
         self._spell_checker: Any = _load_spell_checker() if cfg.enabled and cfg.spelling else None
         self._spelling_fixes: dict[str, str] = {}
+        switches = cfg.model_dump()
+        self._steps = [step for name, step in CLEANING_STEPS.items() if switches.get(name, True)]
+        if self._spell_checker is not None:
+            self._steps.insert(self._steps.index(normalise_whitespace) + 1, self.correct_spelling)
 
     def __reduce__(self) -> tuple[type[Cleaner], tuple[CleanConfig]]:
         # Rebuild in the worker instead of pickling the spell checker's word list.
         return (Cleaner, (self.cfg,))
 
     def __call__(self, text: str) -> str:
-        cfg = self.cfg
-        if not cfg.enabled or not text:
+        if not self.cfg.enabled or not text:
             return text
-        if cfg.strip_html and ("<" in text or "&" in text):
-            text = strip_html(text)
-        if cfg.unicode_nfkc and not text.isascii():
-            text = unicodedata.normalize("NFKC", text)
-        text = _remove_control_characters(text)
-        if cfg.collapse_punctuation and _may_hold_punctuation_run(text):
-            text = _PUNCTUATION_RUN.sub(_shorten_punctuation_run, text)
-        text = normalise_whitespace(text)
-        if self._spell_checker is not None:
-            text = _TOKEN.sub(self._correct_token, text)
-        if cfg.capitalize:
-            text = capitalise_sentences(text)
+        for step in self._steps:
+            text = step(text)
         return text
+
+    def correct_spelling(self, text: str) -> str:
+        """The `spelling` step: fix unknown lowercase words (see the module docstring)."""
+        return _TOKEN.sub(self._correct_token, text)
 
     def _correct_token(self, match: re.Match[str]) -> str:
         token = match.group(0)
         word = token.strip(_PUNCTUATION_AROUND_WORDS)
-        if len(word) < 2 or not (word.isascii() and word.islower() and word.replace("'", "").isalpha()):
+        if not 2 <= len(word) <= MAX_SPELLING_WORD or not (word.isascii() and word.islower() and word.replace("'", "").isalpha()):
             return token
         fixed = self._spelling_fixes.get(word)
         if fixed is None:
@@ -138,11 +142,44 @@ def clean_text(text: str, cfg: CleanConfig) -> str:
 def strip_html(text: str) -> str:
     """Drop HTML tags and decode entities: `strip_html("<p>a &amp; b</p>")` -> '\\na & b\\n' (whitespace is later)."""
     if "<" in text:
-        text = _SCRIPT_OR_COMMENT.sub("", text)
+        text = _drop_blocks(text)
         text = _TAG.sub(_replace_tag, text)
     if "&" in text:
         text = _ENTITY.sub(_decode_entity, text)
     return text
+
+
+def _drop_blocks(text: str) -> str:
+    """Remove <script>/<style> blocks and <!-- comments -->; one that is never closed stays as written.
+
+    One pass: each search starts where the last one left off, and a closing tag found once is reused by the
+    openings before it, so unclosed openings repeated 20,000 times cost what one does (a lazy `.*?` per opening
+    would rescan the rest of the text from each).
+    """
+    pieces: list[str] = []
+    position = 0
+    next_closing: dict[str, re.Match[str] | None] = {}  # per kind: the first closing at or after the last search
+    next_gt = -2  # position of the first '>' after the last search (-1: none left)
+    while opening := _BLOCK_OPENING.search(text, position):
+        kind = opening.group(1).lower() if opening.group(1) else "comment"
+        body_start = opening.end()
+        if kind != "comment":  # the opening tag runs to its '>'
+            if next_gt != -1 and next_gt < body_start:
+                next_gt = text.find(">", body_start)
+            if next_gt == -1:
+                break
+            body_start = next_gt + 1
+        closing = next_closing.get(kind, False)
+        if closing is False or (closing is not None and closing.start() < body_start):
+            closing = next_closing[kind] = _BLOCK_CLOSING[kind].search(text, body_start)
+        if closing is None:  # never closed: keep the opening as text and look for the next one
+            pieces.append(text[position:opening.end()])
+            position = opening.end()
+            continue
+        pieces.append(text[position:opening.start()])
+        position = closing.end()
+    pieces.append(text[position:])
+    return "".join(pieces)
 
 
 def _replace_tag(match: re.Match[str]) -> str:
@@ -172,6 +209,11 @@ def _remove_control_characters(text: str) -> str:
 
 def _replace_control_character(match: re.Match[str]) -> str:
     return "\n" if match.group(0) in _LINE_BREAK_CHARACTERS else ""
+
+
+def collapse_punctuation(text: str) -> str:
+    """'!!!!!' -> '!!!', '?!?!?!' -> '?!?', '.....' -> '...', ',,' -> ','."""
+    return _PUNCTUATION_RUN.sub(_shorten_punctuation_run, text) if _may_hold_punctuation_run(text) else text
 
 
 def _may_hold_punctuation_run(text: str) -> bool:
@@ -229,13 +271,33 @@ def capitalise_sentences(text: str) -> str:
 
 
 def _ends_abbreviation(text: str, punctuation_at: int) -> bool:
-    token_start = max(text.rfind(" ", 0, punctuation_at), text.rfind("\n", 0, punctuation_at)) + 1
-    token = text[token_start : punctuation_at + 1]
-    return token.lower() in _ABBREVIATIONS or token.endswith("..")
+    # Only the last few characters can matter, so only they are looked at (a search back to the previous space
+    # would cost the whole text for every sentence break of a text without spaces).
+    window = text[max(0, punctuation_at - _LONGEST_ABBREVIATION) : punctuation_at + 1]
+    token = window.rsplit(None, 1)[-1]
+    whole_token = token != window or punctuation_at <= _LONGEST_ABBREVIATION
+    return (whole_token and token.lower() in _ABBREVIATIONS) or token.endswith("..")
 
 
 def _looks_like_address(word: str) -> bool:
     return "://" in word or "@" in word or word.startswith("www.")
+
+
+def _unicode_nfkc(text: str) -> str:
+    return text if text.isascii() else unicodedata.normalize("NFKC", text)
+
+
+CLEANING_STEPS: dict[str, Callable[[str], str]] = {
+    "strip_html": strip_html,
+    "unicode_nfkc": _unicode_nfkc,
+    "control_characters": _remove_control_characters,
+    "collapse_punctuation": collapse_punctuation,
+    "whitespace": normalise_whitespace,
+    "capitalize": capitalise_sentences,
+}
+"""The cleaning steps in the order they run, by name; a name that is a CleanConfig switch runs only when it is on.
+(`spelling` runs after `whitespace` and needs a spell checker: `Cleaner.correct_spelling`.) Every step is linear in
+the text's length; tests/data/test_linear_time.py times each on adversarial text."""
 
 
 def _load_spell_checker() -> Any:

@@ -19,14 +19,16 @@ Overflow, for a conversation over `max_tokens`:
 - "truncate": keep the leading turns that fit, ending with an assistant turn; meta.truncated = True.
 - "drop": move it to `dropped` with the reason.
 A single exchange that alone is too long has its (last) answer cut by tokens and meta.truncated = True; if even a
-few answer tokens don't fit after the prompt, the exchange is dropped with its reason.
+few answer tokens don't fit after the prompt, the exchange is dropped with its reason: the whole record goes to
+`dropped` when no piece of it fits, else that piece goes to `dropped_pieces` and the record counts as kept (its
+other pieces are in `records`). So every input record is either kept or dropped, never both.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,11 +48,12 @@ class FitResult:
     """Records that fit (kept, split pieces and truncated records, in input order) and the ones that could not."""
 
     records: list[Record]
-    dropped: list[tuple[Record, str]]
+    dropped: list[tuple[Record, str]]  # input records none of which fits, with the reason
     token_counts: list[int]  # per output record, with the chat template
     split_sources: int = 0  # input records split into two or more pieces
     pieces_added: int = 0  # extra records created by splitting: len(records) = kept inputs + pieces_added
     truncated: int = 0  # output records whose content was cut or that lost trailing turns
+    dropped_pieces: list[tuple[Record, str]] = field(default_factory=list)  # pieces of kept records that don't fit
 
 
 @dataclass(frozen=True)
@@ -215,7 +218,7 @@ def _fit_overflow(
     if not pieces:
         result.dropped.append((record, f"{total} tokens > max_tokens {cfg.max_tokens}; {failures[0][1]}"))
         return
-    result.dropped.extend(failures)
+    result.dropped_pieces.extend(failures)  # the record itself is kept through its other pieces
     if len(groups) > 1:
         result.split_sources += 1
         result.pieces_added += len(pieces) - 1

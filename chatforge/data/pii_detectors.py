@@ -3,6 +3,11 @@
 Use them through `chatforge.data.pii.Redactor`; each `_x_at(text, pos)` looks at a digit seed found by
 `_DIGIT_SEED` and returns spans `(start, end, TYPE, priority)` of what it validated there (Luhn, mod-97,
 `ipaddress`, ...). The matching rules are listed in the docstring of `chatforge.data.pii`.
+
+`DETECTORS` lists every detector as a whole-text function (text -> spans), by name; the Redactor runs the same
+functions, and tests/data/test_linear_time.py times each of them on adversarial text. Every detector is linear in
+the text's length: each regex either matches a bounded length at a seed, or consumes what it scans; no validator
+looks further than a bounded window around a seed, and runs (tokens, IPv6 candidates) are judged once each.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 
 from chatforge.config import PII_TYPES
 
@@ -50,12 +56,20 @@ def _isolated(text: str, start: int, end: int, glue: str, grouped: bool = False)
 
     With `grouped`, '0044' in 'DE89 3704 0044 ...' is not isolated either: it is a group inside a longer number.
     """
+    return _free_before(text, start, glue, grouped) and _free_after(text, end, glue)
+
+
+def _free_before(text: str, start: int, glue: str, grouped: bool = False) -> bool:
     if start > 0:
         before = text[start - 1]
         if before.isalnum() or before == "_" or (before in glue and start > 1 and text[start - 2].isdigit()):
             return False
         if grouped and before == " " and _GROUP_BEFORE.search(text, max(0, start - 6), start):
             return False
+    return True
+
+
+def _free_after(text: str, end: int, glue: str) -> bool:
     if end < len(text):
         after = text[end]
         if after.isalnum() or after == "_" or (after in glue and end + 1 < len(text) and text[end + 1].isdigit()):
@@ -63,24 +77,33 @@ def _isolated(text: str, start: int, end: int, glue: str, grouped: bool = False)
     return True
 
 
-_CARD = re.compile(r"[2-9][0-9]{2,18}(?:([ \-])[0-9]{3,8}(?:\1[0-9]{3,8})*)?")
+# At most 6 groups (a card has 13-19 digits, groups have 3+), so a long run of digit groups costs O(1) per seed.
+_CARD = re.compile(r"[2-9][0-9]{2,18}(?:([ \-])[0-9]{3,8}(?:\1[0-9]{3,8}){0,4})?")
+MAX_IPV6_LENGTH = 45  # 'ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255'
+
+
+
+_LUHN_DOUBLED = str.maketrans("0123456789", "0246813579")  # a digit doubled, minus 9 when over 9
 
 
 def _luhn_ok(digits: str) -> bool:
-    doubled = (int(char) * (1 + index % 2) for index, char in enumerate(reversed(digits)))
-    return sum(value - 9 if value > 9 else value for value in doubled) % 10 == 0
+    backwards = digits[::-1]
+    checked = backwards[0::2] + backwards[1::2].translate(_LUHN_DOUBLED)
+    return (sum(checked.encode()) - 48 * len(checked)) % 10 == 0
 
 
 def _card_at(text: str, pos: int) -> list[Span]:
     match = _CARD.match(text, pos)
-    if match is None:
+    if match is None or not _free_before(text, pos, ".", grouped=True):
         return []
-    groups = re.split(r"[ \-]", match.group())
+    groups = match.group().split(match.group(1)) if match.group(1) else [match.group()]
     for kept in range(len(groups), 0, -1):  # "4111 1111 1111 1111 12/27": drop trailing groups until valid
         digits = "".join(groups[:kept])
-        if 13 <= len(digits) <= 19 and _luhn_ok(digits):
+        if len(digits) < 13:
+            break
+        if len(digits) <= 19 and _luhn_ok(digits):
             end = pos + len(digits) + kept - 1
-            return _span(pos, end, "CREDIT_CARD") if _isolated(text, pos, end, ".", grouped=True) else []
+            return _span(pos, end, "CREDIT_CARD") if _free_after(text, end, ".") else []
     return []
 
 
@@ -123,21 +146,23 @@ _HEX_OR_COLON = frozenset("0123456789abcdefABCDEF:")
 _IPV6_TAIL = re.compile(r"[0-9A-Fa-f:.]*")
 
 
-def _ipv6_at(text: str, pos: int) -> list[Span]:
+def _ipv6_at(text: str, pos: int) -> tuple[list[Span], int]:
+    """An IPv6 address in the run of hex digits, colons and dots around the ':' at `pos`, and where the run ends."""
     start = pos
     while start > 0 and text[start - 1] in _HEX_OR_COLON:
         start -= 1
-    candidate = text[start:_IPV6_TAIL.match(text, pos).end()].rstrip(".")
+    run_end = _IPV6_TAIL.match(text, pos).end()
+    candidate = text[start:run_end].rstrip(".")
     if candidate.endswith(":") and not candidate.endswith("::"):
         candidate = candidate[:-1]
     end = start + len(candidate)
-    if not any(char.isdigit() for char in candidate) or sum(1 for group in candidate.split(":") if group) < 2:
-        return []  # "::1", "std::vector" and friends
+    if len(candidate) > MAX_IPV6_LENGTH or not any(char.isdigit() for char in candidate) or sum(1 for group in candidate.split(":") if group) < 2:
+        return [], run_end  # "::1", "std::vector" and friends
     try:
         ipaddress.IPv6Address(candidate)  # rejects times (12:30:45) and MAC addresses
     except ValueError:
-        return []
-    return _span(start, end, "IP_ADDRESS") if _isolated(text, start, end, "") else []
+        return [], run_end
+    return (_span(start, end, "IP_ADDRESS") if _isolated(text, start, end, "") else []), run_end
 
 
 _PHONE = re.compile(
@@ -194,7 +219,7 @@ _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _TOKEN_RUN = re.compile(r"[A-Za-z0-9_\-+/]*={0,2}")
 _PREFIXED_KEY = re.compile(
     r"(?<![A-Za-z0-9])(?:"
-    r"sk-(?=[A-Za-z0-9_\-]*[0-9])(?=[A-Za-z0-9_\-]*[A-Z])[A-Za-z0-9_\-]{20,}"  # OpenAI, Anthropic (not sk-learn-...)
+    r"sk-[A-Za-z0-9_\-]{20,}"  # OpenAI, Anthropic; needs a digit and a capital (not sk-learn-...): see _key_spans_at
     r"|[spr]k_(?:live|test)_[A-Za-z0-9]{16,}"  # Stripe
     r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}"  # GitHub
     r"|xox[abprs]-[A-Za-z0-9\-]{10,}"  # Slack
@@ -220,7 +245,11 @@ def _key_spans_at(text: str, pos: int) -> tuple[list[Span], int]:
         return _span(start, jwt.end(), "API_KEY"), jwt.end()
     if end - start < 16:
         return [], end
-    if keys := [span for m in _PREFIXED_KEY.finditer(text, start, end) for span in _span(*m.span(), "API_KEY")]:
+    # An 'sk-' key runs to the end of the token; checking its digit and capital here, not in lookaheads, keeps a
+    # token of many 'sk-' linear (a lookahead would rescan the rest of the token from each one).
+    prefixed = (m for m in _PREFIXED_KEY.finditer(text, start, end) if not m.group().startswith("sk-")
+                or (_has_digit(m.group()) and any(c.isupper() for c in m.group())))
+    if keys := [span for m in prefixed for span in _span(*m.span(), "API_KEY")]:
         return keys, end
     while start < end and text[start] in "-_/+":
         start += 1
@@ -234,6 +263,10 @@ def _key_spans_at(text: str, pos: int) -> tuple[list[Span], int]:
         if spans or any(_reads_like_words(segment) for segment in segments):
             return spans, end  # ... and judge the whole run only when no part is a word (base64 has '/' too)
     return (_span(start, end, "API_KEY", "random token") if _looks_random(run) else []), end
+
+
+def _has_digit(text: str) -> bool:
+    return any(c.isdigit() for c in text)
 
 
 _HEX_ONLY = re.compile(r"(?:0x)?[0-9a-fA-F]+(?:-[0-9a-fA-F]+)*")
@@ -316,6 +349,87 @@ def _url_credential_spans(text: str) -> list[Span]:
     return spans
 
 
-_DIGIT_MATCHERS: tuple[tuple[str, Callable[[str, int], list[Span]]], ...] = (
+def _plus_phone_spans(text: str) -> list[Span]:
+    """+44 20 7946 0958: phones found from their '+'."""
+    return [span for seed in _PLUS_SEED.finditer(text) for span in _phone_at(text, seed.start())] if "+" in text else []
+
+
+def _paren_phone_spans(text: str) -> list[Span]:
+    """(202) 555-0143: phones found from their bracketed area code."""
+    return [span for seed in _PAREN_SEED.finditer(text) for span in _phone_at(text, seed.start())] if "(" in text else []
+
+
+def _ipv6_spans(text: str) -> list[Span]:
+    """IPv6 addresses, found from their colons; each run of hex digits and colons is judged once."""
+    spans: list[Span] = []
+    run_end = 0
+    for seed in _COLON_SEED.finditer(text) if ":" in text else ():
+        if seed.start() >= run_end:
+            found, run_end = _ipv6_at(text, seed.start())
+            spans += found
+    return spans
+
+
+def _unseeded_key_spans(text: str) -> list[Span]:
+    """AWS key ids and Bearer tokens, found by their literal start (they may hold no digit where a seed would be)."""
+    if not ("earer" in text or "AKIA" in text or "ASIA" in text):
+        return []
+    return [span for key in _UNSEEDED_KEY.finditer(text) for span in _span(*key.span(key.lastindex or 0), "API_KEY")]
+
+
+def _at_sign_email_spans(text: str) -> list[Span]:
+    return _email_spans(text) if "@" in text else []
+
+
+def _at_sign_url_credential_spans(text: str) -> list[Span]:
+    return _url_credential_spans(text) if "@" in text else []
+
+
+SeededMatcher = Callable[[str, int], list[Span]]
+Scanner = Callable[[str], list[Span]]
+
+DIGIT_MATCHERS: tuple[tuple[str, SeededMatcher], ...] = (
     ("CREDIT_CARD", _card_at), ("SSN", _ssn_at), ("IP_ADDRESS", _ipv4_at), ("PHONE", _phone_at), ("IBAN", _iban_at),
 )
+"""Validators run at each digit seed (one shared scan finds the seeds), by the type they find."""
+AFTER_LETTER_MATCHERS = frozenset({_iban_at})
+"""The only validators that can match at a digit right after a letter (GB82...): the others need a number to start
+there, so in a long run of letters and digits they are not even called."""
+
+SCANNERS: tuple[tuple[str, Scanner], ...] = (
+    ("PHONE", _plus_phone_spans), ("PHONE", _paren_phone_spans), ("IP_ADDRESS", _ipv6_spans),
+    ("EMAIL", _at_sign_email_spans), ("URL_CREDENTIALS", _at_sign_url_credential_spans),
+    ("API_KEY", _unseeded_key_spans),
+)
+"""Detectors that scan the whole text themselves, by the type they find."""
+
+
+def digit_seeded_spans(text: str, matchers: tuple[SeededMatcher, ...], keys: bool) -> list[Span]:
+    """Run `matchers` at every digit seed, and with `keys` judge each token holding a digit as a possible API key."""
+    spans: list[Span] = []
+    token_end = -1  # digits inside a token already judged are skipped
+    after_letter = tuple(matcher for matcher in matchers if matcher in AFTER_LETTER_MATCHERS)
+    seed = _DIGIT_SEED.search(text)
+    while seed is not None:
+        at = seed.start()
+        before = text[at - 1] if at else " "
+        if not (before.isalnum() or before == "_"):
+            for matcher in matchers:
+                spans += matcher(text, at)
+        elif after_letter and before.isalpha():
+            for matcher in after_letter:
+                spans += matcher(text, at)
+        if keys and at >= token_end:
+            found, token_end = _key_spans_at(text, at)
+            spans += found
+        seed = _DIGIT_SEED.search(text, at + 1)
+    return spans
+
+
+DETECTORS: dict[str, Scanner] = {
+    **{f"{kind} at digit seeds": partial(digit_seeded_spans, matchers=(matcher,), keys=False)
+       for kind, matcher in DIGIT_MATCHERS},
+    "API_KEY at digit seeds": partial(digit_seeded_spans, matchers=(), keys=True),
+    **{f"{kind} by {scanner.__name__.strip('_')}": scanner for kind, scanner in SCANNERS},
+}
+"""Every built-in detector as a whole-text function, by name (what the linear-time test checks)."""

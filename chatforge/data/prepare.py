@@ -8,7 +8,9 @@ Use it like this::
 Steps, in order (each switchable in PrepareConfig): read + validate -> clean -> redact PII -> deduplicate ->
 fit to context -> balance (cap) -> split -> balance (upsample, train only) -> augment (train only).
 Every record read ends in exactly one of train/val/test/rejected/duplicates; `counts` says how many went where and
-the identity is checked before anything is written.
+the identity is checked before anything is written. Every string written to any file (and every log line) passes
+the redactor (`scrub.Scrubber`), and the files are written into a staging folder that replaces `out` only when all
+of them were written (`outputs.staged_output`): a failed run leaves the previous dataset as it was.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from typing import Any
 
 from chatforge.config import CleanConfig, PiiConfig, PrepareConfig
 from chatforge.data.formats import KNOWN_SUFFIXES, InputError, Rejection, detect_format, read_file
+from chatforge.data.outputs import staged_output
+from chatforge.data.pii import Redactor
 from chatforge.data.records import Record, write_jsonl
-from chatforge.data.validate import validate_messages
+from chatforge.data.scrub import Scrubber
+from chatforge.data.validate import check_record, size_problem, validate_messages
 from chatforge.manifest import Manifest
 
 Log = Callable[[str], None]
@@ -60,9 +65,13 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
     return files
 
 
-def _rejected_record(record: Record, reason: str) -> dict[str, Any]:
+def _rejected_record(record: Record, reason: str, with_content: bool = True) -> dict[str, Any]:
     source, _, line = record["meta"]["source"].rpartition(":")
-    return {"source": source, "line": int(line), "reason": reason, "record": record}
+    return {"source": source, "line": int(line), "reason": reason, "record": record if with_content else None}
+
+
+def _make_scrubber(pii: PiiConfig) -> Scrubber:
+    return Scrubber(Redactor.from_config(pii) if pii.enabled else None)
 
 
 # --- clean + redact, run in worker processes for large inputs -------------------------------------------------------
@@ -72,18 +81,19 @@ _worker_state: dict[str, Any] = {}
 
 def _init_worker(clean_cfg: dict[str, Any], pii_cfg: dict[str, Any], require_assistant_last: bool) -> None:
     from chatforge.data.clean import make_cleaner
-    from chatforge.data.pii import Redactor
 
     clean = CleanConfig.model_validate(clean_cfg)
     pii = PiiConfig.model_validate(pii_cfg)
     _worker_state["clean"] = make_cleaner(clean) if clean.enabled else None
     _worker_state["redactor"] = Redactor.from_config(pii) if pii.enabled else None
+    _worker_state["scrubber"] = _make_scrubber(pii)  # meta values and keys (also makes them JSON-safe)
     _worker_state["require_assistant_last"] = require_assistant_last
 
 
 def _clean_and_redact(records: list[Record]) -> tuple[list[Record], list[tuple[Record, str]], Counter[str], int]:
     """Clean and redact a chunk; returns kept records, rejected (record, reason), PII counts, messages changed."""
-    clean, redactor = _worker_state["clean"], _worker_state["redactor"]
+    clean, redactor, scrubber = _worker_state["clean"], _worker_state["redactor"], _worker_state["scrubber"]
+    scrubber.counts.clear()
     kept: list[Record] = []
     rejected: list[tuple[Record, str]] = []
     pii_counts: Counter[str] = Counter()
@@ -97,12 +107,13 @@ def _clean_and_redact(records: list[Record]) -> tuple[list[Record], list[tuple[R
         if redactor is not None:
             messages, found = redactor.redact_messages(messages)
             pii_counts.update(found)
-        record = {**record, "messages": messages}
+        record = scrubber.record({**record, "messages": messages})
         reason = validate_messages(messages, _worker_state["require_assistant_last"])
         if reason:
             rejected.append((record, f"after cleaning: {reason}"))
         else:
             kept.append(record)
+    pii_counts.update(scrubber.counts)
     return kept, rejected, pii_counts, changed
 
 
@@ -128,64 +139,85 @@ def clean_and_redact(records: list[Record], cfg: PrepareConfig) -> tuple[list[Re
     return kept, rejected, pii_counts, changed
 
 
-def _redact_raw(value: Any, redact: Callable[[str], str]) -> Any:
-    """Redact every string inside a rejected item, so PII never reaches rejected.jsonl either."""
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, list):
-        return [_redact_raw(v, redact) for v in value]
-    if isinstance(value, dict):
-        return {k: _redact_raw(v, redact) for k, v in value.items()}
-    return value
+def _scrub_rejected(entry: dict[str, Any], scrub: Scrubber) -> dict[str, Any]:
+    """A rejected.jsonl entry with every string redacted; a raw line that was not JSON has its escapes undone first."""
+    raw = entry.get("record")
+    return {**scrub.tree({k: v for k, v in entry.items() if k != "record"}),
+            "record": scrub.raw_line(raw) if isinstance(raw, str) else scrub.tree(raw)}
 
 
-def read_inputs(files: list[Path], cfg: PrepareConfig, manifest: Manifest, log: Log) -> tuple[list[Record], list[dict[str, Any]], dict[str, str]]:
-    """Read and validate every file; returns valid records, rejected entries and the format found per file."""
+def read_inputs(files: list[Path], cfg: PrepareConfig, manifest: Manifest,
+                log: Log) -> tuple[list[Record], list[dict[str, Any]], dict[str, str], int]:
+    """Read, size-check, trim and validate every file; returns valid records, rejected entries, the format found per
+    file and how many conversations had trailing user turns trimmed."""
     records: list[Record] = []
     rejected: list[dict[str, Any]] = []
     formats: dict[str, str] = {}
+    trimmed = 0
+    max_bytes = cfg.validate.max_record_bytes
     for path in files:
         fmt = cfg.format or detect_format(path)
         formats[str(path)] = fmt
         manifest.add_input(path, format=fmt)
         read_here = 0
-        for item in read_file(path, fmt, cfg.formats):
+        for item in read_file(path, fmt, cfg.formats, max_bytes):
             read_here += 1
-            reason = item.reason if isinstance(item, Rejection) else validate_messages(item["messages"], cfg.require_assistant_last)
+            if isinstance(item, Rejection):
+                reason, too_large, trimmed_turns = item.reason, False, 0
+            else:
+                reason = size_problem(item, max_bytes)
+                too_large, trimmed_turns = reason is not None, 0
+                if not too_large:
+                    item, trimmed_turns, reason = check_record(item, cfg.validate, cfg.require_assistant_last)
             if reason and cfg.strict:
                 line = item.line if isinstance(item, Rejection) else item["meta"]["source"].rpartition(":")[2]
                 raise StrictModeError(f"{path}:{line}: {reason}")
             if isinstance(item, Rejection):
                 rejected.append(item.to_json())
             elif reason:
-                rejected.append(_rejected_record(item, reason))
+                rejected.append(_rejected_record(item, reason, with_content=not too_large))
             else:
                 records.append(item)
+                trimmed += trimmed_turns > 0
         log(f"read {read_here} records from {path} ({fmt})")
-    return records, rejected, formats
+    return records, rejected, formats, trimmed
 
 
 def prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, log: Log = lambda _msg: None) -> PrepareReport:
-    """Run the whole prepare stage; writes the dataset files, card and manifest into `out`."""
-    from chatforge.data.card import write_card
-    from chatforge.data.steps import balance_cap, balance_upsample, augment_train, deduplicate, fit_to_context, split
+    """Run the whole prepare stage; writes the dataset files, card and manifest into `out` (all or nothing).
 
-    manifest = Manifest.start("prepare", config=cfg.model_dump(mode="json"))
+    Raises InputError / StrictModeError with a one-line message naming the file (and line), redacted too.
+    """
+    scrub = _make_scrubber(cfg.pii)
+    try:
+        return _prepare(inputs, out, cfg, scrub, scrub.log(log))
+    except (InputError, StrictModeError) as exc:
+        raise type(exc)(scrub.text(str(exc))) from None
+
+
+def _prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, scrub: Scrubber, log: Log) -> PrepareReport:
+    from chatforge.data.card import write_card
+    from chatforge.data.steps import (
+        augment_train,
+        balance_cap,
+        balance_upsample,
+        deduplicate,
+        fit_to_context,
+        group_key,
+        split,
+    )
+
+    manifest = Manifest.start("prepare", config=scrub.tree(cfg.model_dump(mode="json")))
     files = expand_inputs(inputs)
     with manifest.timed("read_validate"):
-        records, rejected, formats = read_inputs(files, cfg, manifest, log)
-    counts: dict[str, Any] = {"read": len(records) + len(rejected), "invalid": len(rejected)}
-    log(f"{counts['read']} records read, {len(rejected)} invalid")
+        records, rejected, formats, trimmed = read_inputs(files, cfg, manifest, log)
+    counts: dict[str, Any] = {"read": len(records) + len(rejected), "invalid": len(rejected), "trimmed": trimmed}
+    log(f"{counts['read']} records read, {len(rejected)} invalid, {trimmed} with trailing user turns trimmed")
 
     with manifest.timed("clean_redact"):
         records, cleaned_out, pii_counts, changed = clean_and_redact(records, cfg)
     rejected.extend(_rejected_record(record, reason) for record, reason in cleaned_out)
     counts |= {"messages_changed_by_cleaning": changed, "empty_after_cleaning": len(cleaned_out)}
-    if cfg.pii.enabled:
-        from chatforge.data.pii import Redactor
-
-        redactor = Redactor.from_config(cfg.pii)
-        rejected = [_redact_raw(entry, lambda text: redactor.redact(text)[0]) for entry in rejected]
     log(f"cleaned {changed} messages; PII replaced: {dict(pii_counts) or 'none'}")
 
     with manifest.timed("dedup"):
@@ -196,19 +228,24 @@ def prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, log: Log = lambda
     with manifest.timed("fit"):
         records, fit_dropped, fit_info = fit_to_context(records, cfg.fit, log)
     rejected.extend(_rejected_record(record, reason) for record, reason in fit_dropped)
+    dropped_pieces = [_rejected_record(piece, f"a piece of a kept conversation: {reason}")
+                      for piece, reason in fit_info.pop("dropped_pieces", [])]
     counts["dropped_over_max_tokens"] = len(fit_dropped)
+    counts["pieces_dropped"] = len(dropped_pieces)
 
     with manifest.timed("balance"):
-        records, capped, balance_info = balance_cap(records, cfg.balance)
+        records, capped, capped_pieces, balance_info = balance_cap(records, cfg.balance)
     rejected.extend(_rejected_record(record, reason) for record, reason in capped)
-    counts["capped_by_balance"] = len(capped)
+    dropped_pieces += [_rejected_record(piece, f"a further piece of a conversation capped by balance: {reason}")
+                       for piece, reason in capped_pieces]
+    counts |= {"capped_by_balance": len(capped), "pieces_capped": len(capped_pieces)}
 
     with manifest.timed("split"):
         train, val, test = split(records, cfg.split)
-    kept_sources = {r["meta"].get("group", r["id"]) for r in records}
+    kept_sources = {group_key(r) for r in records}
     counts |= {"kept": len(kept_sources), "rejected": len(rejected)}
     for name, part in (("train", train), ("val", val), ("test", test)):
-        counts[f"{name}_sources"] = len({r["meta"].get("group", r["id"]) for r in part})
+        counts[f"{name}_sources"] = len({group_key(r) for r in part})
     if counts["read"] != counts["kept"] + counts["rejected"] + counts["duplicates"]:
         raise RuntimeError(f"record accounting does not add up: {counts}")  # a bug in chatforge, never user error
 
@@ -219,16 +256,19 @@ def prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, log: Log = lambda
     counts |= {"train": len(train), "val": len(val), "test": len(test), "upsampled": len(upsampled),
                "augmented": len(augmented), "pieces_from_long_conversations": fit_info.get("pieces_added", 0)}
 
-    out.mkdir(parents=True, exist_ok=True)
-    with manifest.timed("write"):
+    rejected = [_scrub_rejected(entry, scrub) for entry in rejected + dropped_pieces]
+    for entry in manifest.inputs:
+        entry["path"] = scrub.text(entry["path"])
+    formats = {scrub.text(path): fmt for path, fmt in formats.items()}
+    with staged_output(out) as staging, manifest.timed("write"):
         for name, part in (("train", train), ("val", val), ("test", test), ("rejected", rejected), ("duplicates", duplicates)):
-            write_jsonl(out / f"{name}.jsonl", part)
-        card = write_card(out, counts=counts, formats=formats, pii_counts=dict(pii_counts), fit_info=fit_info,
-                          balance_info=balance_info, cfg=cfg, rejected=rejected)
-    manifest.counts = counts
-    manifest.outputs = {name: f"{name}.jsonl" for name in ("train", "val", "test", "rejected", "duplicates")}
-    manifest.outputs |= {"card": "card.md", "card_json": "card.json", "token_histogram": "token_lengths.png"}
-    manifest.extra["pii_counts"] = dict(pii_counts)
-    manifest.write(out)
+            write_jsonl(staging / f"{name}.jsonl", part)
+        card = write_card(staging, counts=counts, formats=formats, pii_counts=dict(pii_counts), fit_info=fit_info,
+                          balance_info=scrub.tree(balance_info), cfg=cfg, rejected=rejected)
+        manifest.counts = counts
+        manifest.outputs = {name: f"{name}.jsonl" for name in ("train", "val", "test", "rejected", "duplicates")}
+        manifest.outputs |= {"card": "card.md", "card_json": "card.json", "token_histogram": "token_lengths.png"}
+        manifest.extra["pii_counts"] = dict(pii_counts)
+        manifest.write(staging)
     log(f"wrote {out}")
     return PrepareReport(out_dir=out, counts=counts, card=card)

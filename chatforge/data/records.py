@@ -32,9 +32,10 @@ def make_record(
     """Build a record whose id depends only on where it came from and what it said (stable across reruns)."""
     record_meta = dict(meta or {})
     record_meta["source"] = f"{source}:{line}"
-    digest = hashlib.sha1(f"{source}:{line}".encode())
-    for message in messages:
-        digest.update(b"\x00" + str(message.get("role")).encode() + b"\x01" + str(message.get("content")).encode())
+    digest = hashlib.sha1(f"{source}:{line}".encode("utf-8", "surrogatepass"))
+    for message in messages:  # surrogatepass: a lone surrogate from a JSON escape must not crash the read
+        role, content = str(message.get("role")), str(message.get("content"))
+        digest.update(b"\x00" + role.encode("utf-8", "surrogatepass") + b"\x01" + content.encode("utf-8", "surrogatepass"))
     record: Record = {"id": digest.hexdigest()[:16], "messages": messages, "meta": record_meta}
     if weight is not None:
         record["weight"] = weight
@@ -47,9 +48,12 @@ def conversation_text(record: Record) -> str:
 
 
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
-    """Write records one JSON object per line (UTF-8, no ASCII escaping); returns how many were written."""
+    """Write records one JSON object per line (UTF-8, no ASCII escaping); returns how many were written.
+
+    A lone surrogate (which UTF-8 cannot hold, from a JSON '\\ud800' escape) is written as '?' rather than failing.
+    """
     count = 0
-    with path.open("w", encoding="utf-8") as handle:
+    with path.open("w", encoding="utf-8", errors="replace") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1

@@ -62,25 +62,47 @@ def fit_to_context(
         "pieces_added": result.pieces_added,
         "truncated": result.truncated,
         "dropped": len(result.dropped),
+        "dropped_pieces": result.dropped_pieces,  # taken out by prepare (records, not card material)
     }
     log(f"tokens per example: median {stats.get('median', 0):.0f}, p95 {stats.get('p95', 0):.0f}, "
         f"max {stats.get('max', 0):.0f}; {result.split_sources} split, {result.truncated} truncated, "
-        f"{len(result.dropped)} dropped")
+        f"{len(result.dropped)} dropped, {len(result.dropped_pieces)} pieces of kept conversations dropped")
     return result.records, result.dropped, info
 
 
-def balance_cap(records: list[Record], cfg: BalanceConfig) -> tuple[list[Record], list[tuple[Record, str]], dict[str, Any]]:
-    """In cap mode, remove records of over-represented categories before the split."""
+def group_key(record: Record) -> str:
+    """The source conversation a record came from: its own id, or meta.group for a piece of a split one."""
+    return record["meta"].get("group", record["id"])
+
+
+def balance_cap(
+    records: list[Record], cfg: BalanceConfig
+) -> tuple[list[Record], list[tuple[Record, str]], list[tuple[Record, str]], dict[str, Any]]:
+    """In cap mode, remove conversations of over-represented categories before the split.
+
+    Pieces of a split conversation go together, and count as that one conversation (the category of its first
+    piece): returns kept records, removed conversations (their first piece, with the reason), their other pieces,
+    and the balance info.
+    """
     if not cfg.enabled:
-        return records, [], {}
+        return records, [], [], {}
     from chatforge.data.balance import balance_records, count_categories, label_categories
 
     if cfg.mode != "cap":  # only label now (keyword rules fill meta[by]) so the split can stratify; upsample later
         labelled, categories = label_categories(records, cfg)
-        return labelled, [], {"before": count_categories(categories)}
-    result = balance_records(records, cfg, mode="cap")
-    return result.kept, result.removed, {"before": result.before, "after": result.after,
-                                         "skipped_reason": result.skipped_reason}
+        return labelled, [], [], {"before": count_categories(categories)}
+    first_pieces: dict[str, Record] = {}
+    for record in records:
+        first_pieces.setdefault(group_key(record), record)
+    result = balance_records(list(first_pieces.values()), cfg, mode="cap")
+    info = {"before": result.before, "after": result.after, "skipped_reason": result.skipped_reason}
+    category_of = {group_key(r): r["meta"].get(cfg.by) for r in result.kept}  # labels from keyword rules included
+    removed_reason = {group_key(r): reason for r, reason in result.removed}
+    kept = [{**r, "meta": {**r["meta"], cfg.by: category_of[group_key(r)]}} if category_of[group_key(r)] is not None
+            else r for r in records if group_key(r) in category_of]
+    other_pieces = [(r, removed_reason[group_key(r)]) for r in records
+                    if group_key(r) in removed_reason and r is not first_pieces[group_key(r)]]
+    return kept, result.removed, other_pieces, info
 
 
 def balance_upsample(train: list[Record], cfg: BalanceConfig, info: dict[str, Any]) -> tuple[list[Record], dict[str, Any]]:

@@ -115,9 +115,11 @@ def test_random_conversations_all_fit_after_split_and_end_with_an_answer(tokeniz
         for record, tokens in zip(result.records, result.token_counts):
             assert record["messages"][-1]["role"] == "assistant"
             assert tokens == exact_tokens(tokenizer, record) <= 120
-        dropped_sources = {r["meta"].get("group", r["id"]) for r, _ in result.dropped}
+        dropped_sources = {r["id"] for r, _ in result.dropped}
         kept_sources = {r["meta"].get("group", r["id"]) for r in result.records}
         assert kept_sources | dropped_sources == {r["id"] for r in records}
+        assert not kept_sources & dropped_sources  # each record kept or dropped, never both
+        assert {r["meta"].get("group", r["id"]) for r, _ in result.dropped_pieces} <= kept_sources
 
 
 def test_a_single_exchange_too_long_has_its_answer_cut_by_tokens(tokenizer) -> None:
@@ -169,7 +171,8 @@ def test_split_drops_only_the_piece_whose_prompt_is_too_long(tokenizer) -> None:
     result = fit_records([record], tokenizer, FitConfig(max_tokens=60))
     ids = [p["id"] for p in result.records]
     assert ids[0] == "mixed-p1" and "mixed-p2" not in ids and len(ids) >= 2
-    assert [(r["id"], "no room" in why) for r, why in result.dropped] == [("mixed-p2", True)]
+    assert result.dropped == []  # the record is kept (through its other pieces), so it is not dropped too
+    assert [(r["id"], "no room" in why) for r, why in result.dropped_pieces] == [("mixed-p2", True)]
     assert (result.split_sources, result.pieces_added) == (1, len(ids) - 1)
 
 

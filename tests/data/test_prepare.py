@@ -15,7 +15,7 @@ from chatforge.data.records import read_jsonl
 from tests.data.messy import write_messy_inputs
 
 READ = 70  # 44 JSONL lines + 21 CSV rows + 3 transcript conversations + 2 YAML conversations
-REJECTED = 6  # broken JSON, role 'bot', ends with user (x2), empty after cleaning, unlabeled transcript line
+REJECTED = 6  # broken JSON, role 'bot', no assistant turn (x2), empty after cleaning, unlabeled transcript line
 DUPLICATES = 2  # one exact, one near
 
 
@@ -56,7 +56,7 @@ def test_prepare_rejections_say_where_and_why(prepared: tuple[Path, dict[str, st
     where = {(Path(r["source"]).name, r["line"]): r["reason"] for r in rejected}
     assert "malformed JSON" in where[("chats.jsonl", 8)]
     assert "role 'bot'" in where[("chats.jsonl", 9)]
-    assert "does not end with an assistant" in where[("chats.jsonl", 10)]
+    assert "no assistant turn" in where[("chats.jsonl", 10)]
     assert "after cleaning" in where[("chats.jsonl", 14)]
     assert "speaker label" in where[("log.txt", 8)]
 
