@@ -177,7 +177,8 @@ class TrainConfig(StrictModel):
 
     data: str | None = Field(default=None, description="prepared dataset dir (train.jsonl, val.jsonl)")
     model: str | None = Field(default=None, description="base model: HF dir, hub id or .gguf; None = default")
-    chat_template: str | None = Field(default=None, description="named template (chatml, gemma, llama3) if needed")
+    chat_template: str | None = Field(default=None, description="chat template: a name (chatml, gemma, llama3) or a "
+                                      ".jinja file; None = the tokenizer's own, else one its vocabulary fits")
     out: str | None = Field(default=None, description="run directory")
     method: Literal["lora", "full"] = "lora"
     lora: LoraSettings = LoraSettings()
@@ -204,7 +205,8 @@ class TrainConfig(StrictModel):
     save_every: int = Field(default=100, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(default=2, ge=1, description="last K kept, plus the best")
     log_every: int = Field(default=10, ge=1)
-    histogram_every: int = Field(default=100, ge=1, description="steps between weight/grad histograms")
+    histogram_every: int | None = Field(default=None, ge=1, description="steps between weight/grad histograms; "
+                                        "None = about five per run, however short")
     loss_chunk: int | None = Field(default=None, ge=16, description="positions per LM-head chunk; None = ~128 MB of logits")
     gradient_checkpointing: bool = False
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None = all cores")

@@ -122,3 +122,23 @@ def test_answer_text_repeated_in_the_question_is_not_confused(backend: object) -
                 {"role": "user", "content": "yes"}, {"role": "assistant", "content": "yes"}]
     masked = answer_token_mask(tokenizer, messages)
     assert [tokenizer.decode(r) for r in trained_runs(masked.input_ids, masked.mask)] == ["yes<|im_end|>"] * 2
+
+
+def test_end_of_turn_token_of_a_hub_template_is_the_special_token_after_an_answer(backend: object) -> None:
+    from chatforge.models.templates import end_of_turn_token
+
+    for family in FAMILIES:
+        assert end_of_turn_token(family_tokenizer(backend, family)) == family.turn_end, family.name
+
+
+def test_chat_template_from_a_jinja_file(backend: object, tmp_path) -> None:
+    from chatforge.models.templates import ensure_chat_template
+    from tests.models.hub_templates import PHI3
+
+    path = tmp_path / "phi3.jinja"
+    path.write_text(PHI3, encoding="utf-8")
+    tokenizer = family_tokenizer(backend, FAMILIES[0])
+    assert ensure_chat_template(tokenizer, str(path)) == str(path)
+    assert tokenizer.chat_template == PHI3
+    with pytest.raises(ValueError, match="no such file"):
+        ensure_chat_template(tokenizer, str(tmp_path / "missing.jinja"))
