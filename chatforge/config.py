@@ -219,6 +219,12 @@ class GenerationConfig(StrictModel):
     max_new_tokens: int = Field(default=128, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers a token's logit by "
+                                     "this times its count in the answer so far")
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers the logit of every "
+                                    "token already in the answer by this")
+    repetition_penalty: float = Field(default=1.0, gt=0.0, description="transformers' (CTRL): divides positive logits "
+                                      "of tokens already seen by this; 1 = off")
     seed: int = 0
     batch_size: int = Field(default=16, ge=1, description="prompts decoded together")
 
