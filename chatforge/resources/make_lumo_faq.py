@@ -19,7 +19,7 @@ from pathlib import Path
 FACTS = {
     "product": "Lumo", "maker": "Brightnest", "app": "Brightnest Home", "price": "$89", "warranty": "two years",
     "battery": "12 hours", "charge_time": "3 hours", "port": "USB-C", "brightness_levels": "eight",
-    "colour_range": "2700 K to 6500 K", "email": "help@brightnest.example", "phone": "+1 555 0142",
+    "colour_range": "2700 K to 6500 K", "help": "the form at brightnest.example/help", "chat": "the chat in the Brightnest Home app",
     "hours": "9 am to 6 pm, Monday to Friday", "return_days": "30 days", "wifi": "2.4 GHz Wi-Fi",
     "reset_seconds": "10 seconds", "weight": "1.2 kg", "bulb_life": "25,000 hours",
 }
@@ -29,7 +29,7 @@ FRAMES = {
     "how": ["How do I {x}?", "What is the way to {x}?", "Can you tell me how to {x}?", "I want to {x}. What should I do?",
             "Please explain how to {x} on my Lumo."],
     "what": ["What is {x}?", "Can you tell me {x}?", "I would like to know {x}.", "Tell me {x}, please.",
-             "Quick question: what is {x}?"],
+             "Do you know {x}? I could not find it."],
     "can": ["Can I {x}?", "Is it possible to {x}?", "Am I able to {x}?", "Does the Lumo let me {x}?",
             "Would it work if I {x}?"],
     "why": ["Why does my lamp {x}?", "My Lumo keeps {x_ing}. Why?", "What makes the lamp {x}?",
@@ -45,9 +45,9 @@ TOPICS: list[tuple[str, str, object, str]] = [
     ("set-timer", "how", "set a sleep timer", "In the {app} app open Timers, choose Sleep and pick 15, 30 or 60 minutes."),
     ("update-firmware", "how", "update the firmware", "Keep the lamp on and connected; the {app} app shows Update available under Settings, tap it and wait about 5 minutes."),
     ("charge-lamp", "how", "charge the lamp", "Plug the {port} cable into the port under the base; a full charge takes {charge_time}."),
-    ("contact-support", "how", "contact support", "Email {email} or call {phone}, {hours}."),
+    ("contact-support", "how", "contact support", "Write to us through {chat} or {help}, {hours}."),
     ("return-lamp", "how", "return the lamp", "You can return it within {return_days} of delivery: start a return at brightnest.example/returns and we email a prepaid label."),
-    ("claim-warranty", "how", "make a warranty claim", "Send your order number and a short video of the fault to {email}; the warranty lasts {warranty}."),
+    ("claim-warranty", "how", "make a warranty claim", "Send your order number and a short video of the fault through {help}; the warranty lasts {warranty}."),
     ("clean-lamp", "how", "clean the lamp", "Unplug it and wipe it with a dry microfibre cloth; never use water or sprays on the head."),
     ("rename-lamp", "how", "rename the lamp", "In the {app} app tap the lamp, then the pencil next to its name."),
     ("share-lamp", "how", "share the lamp with my family", "In the {app} app open Settings, Members, and invite them by email."),
@@ -59,7 +59,7 @@ TOPICS: list[tuple[str, str, object, str]] = [
     ("battery-life", "what", "the battery life of the Lumo", "A full battery lasts about {battery} at medium brightness."),
     ("charge-time", "what", "the charging time of the Lumo", "It charges fully in {charge_time} with the included {port} cable."),
     ("colour-range", "what", "the colour temperature range", "The {product} goes from warm {colour_range}."),
-    ("support-hours", "what", "the opening time of customer support", "Support answers {hours}, by email at {email} or by phone at {phone}."),
+    ("support-hours", "what", "the opening time of customer support", "Support answers {hours}, through {chat} or {help}."),
     ("return-policy", "what", "the return policy", "You have {return_days} from delivery to return the {product} for a full refund."),
     ("weight", "what", "the weight of the Lumo", "The {product} weighs {weight}."),
     ("bulb-life", "what", "the lifetime of the LED", "The LED is rated for {bulb_life} and cannot be replaced."),
@@ -82,7 +82,7 @@ TOPICS: list[tuple[str, str, object, str]] = [
     ("turn-off", "why", ("turn off by itself", "turning off by itself", "turns off by itself"), "A sleep timer is probably set: check Timers in the {app} app, or the battery is empty."),
     ("not-connect", "why", ("not connect to Wi-Fi", "failing to connect to Wi-Fi", "does not connect to Wi-Fi"), "The {product} needs {wifi}; move it closer to the router and hold the power button for 3 seconds to retry."),
     ("get-hot", "why", ("get hot", "getting hot", "gets hot"), "The head warms at full brightness; above 60 degrees the ring turns red and the lamp dims itself to cool down."),
-    ("not-charge", "why", ("not charge", "not charging", "does not charge"), "Check the {port} cable is pushed fully into the base; if the ring stays dark after 10 minutes, email {email}."),
+    ("not-charge", "why", ("not charge", "not charging", "does not charge"), "Check the {port} cable is pushed fully into the base; if the ring stays dark after 10 minutes, write to us through {help}."),
     ("blink-blue", "why", ("blink blue", "blinking blue", "blinks blue"), "Blinking blue means it is waiting to be paired: open the {app} app and tap Add device."),
 ]
 
