@@ -68,3 +68,32 @@ def test_a_time_budget_stop_logs_the_last_step_and_validates_it(hub_style: tuple
     assert [m["step"] for m in metrics if "train/loss" in m] == [1]  # log_every 10 > 1 step done: logged anyway
     assert [m["step"] for m in metrics if "val/loss" in m] == [1]    # eval_every 50: validated anyway
     assert report.best_val_loss is not None and (report.run_dir / "model").is_dir()
+
+
+def test_lora_last_layers_adapts_only_the_top_layers(hub_style: tuple[Path, Path]) -> None:
+    import torch
+
+    from chatforge.config import LoraSettings
+    from chatforge.train.model import apply_lora, load_base_model
+
+    model_dir, _ = hub_style
+    model = apply_lora(load_base_model(model_dir, torch.float32), LoraSettings(last_layers=1))
+    adapted = {name.split(".layers.")[1].split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {"1"}  # the tiny Llama has layers 0 and 1
+
+
+def test_inspect_highlights_the_same_answer_tokens_for_a_marker_less_template(hub_style: tuple[Path, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from chatforge.cli import app
+    from chatforge.data.records import read_jsonl
+
+    model_dir, dataset = hub_style
+    result = CliRunner().invoke(app, ["inspect", str(dataset), "--model", str(model_dir), "--index", "0"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    record = next(iter(read_jsonl(dataset / "train.jsonl")))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    example = tokenize_records([record], tokenizer, "assistant", 10**9)[0]
+    assert f"{example.trained_tokens} of {len(example.input_ids)} tokens carry loss" in result.output
+    assert tokenizer.decode([t for t in example.labels if t != IGNORE]) == record["messages"][-1]["content"] + "<|im_end|>"
