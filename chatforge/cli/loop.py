@@ -16,7 +16,7 @@ from chatforge.config import ConfigError
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="where the demo writes its project and outputs")] = Path("demo-out"),
     fast: Annotated[bool, typer.Option("--fast", envvar="DEMO_FAST", help="a tiny model trained from scratch (~2 min) instead of SmolLM2-135M-Instruct")] = False,
-    minutes: Annotated[float | None, typer.Option(help="training time budget guarding the recipe's steps (default 15, or 1 with --fast)")] = None,
+    minutes: Annotated[float | None, typer.Option(help="training time budget guarding the recipe's steps (default 30, or 1 with --fast)")] = None,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="serve the result at the end")] = True,
     check: Annotated[bool, typer.Option("--check", help="serve, answer one chat request with the new key, then stop (for CI)")] = False,
     port: Annotated[int | None, typer.Option(help="port to serve on (default 8000, or a free one when 8000 is taken)")] = None,
@@ -27,7 +27,7 @@ def demo(
     from chatforge.pipeline import PipelineError, run_project
     from chatforge.train.loop import TrainError
 
-    budget = minutes if minutes is not None else (1.0 if fast else 15.0)
+    budget = minutes if minutes is not None else (1.0 if fast else 30.0)
     console.rule(f"chatforge demo ({'tiny model, fast' if fast else 'SmolLM2-135M-Instruct + LoRA'})")
     try:
         project_file = write_demo_project(out, fast, budget, log=log_line)
