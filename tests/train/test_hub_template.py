@@ -33,8 +33,9 @@ def hub_style(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def config(model_dir: Path, dataset: Path, out: Path, **changes: object) -> TrainConfig:
-    settings: dict = dict(data=str(dataset), model=str(model_dir), out=str(out), method="full", lr=3e-3, batch_size=4,
-                          max_steps=4, eval_every=50, save_every=50, log_every=10, threads=1, max_length=128)
+    settings: dict = {"data": str(dataset), "model": str(model_dir), "out": str(out), "method": "full", "lr": 3e-3,
+                      "batch_size": 4, "max_steps": 4, "eval_every": 50, "save_every": 50, "log_every": 10, "threads": 1,
+                      "max_length": 128}
     settings.update(changes)
     return TrainConfig(**settings)
 
