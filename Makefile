@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml constraints.txt
 test: install
 	$(PY) -m pytest -q
 
+# make demo PORT=8001 serves on 8001; without PORT, 8000 or a free port when 8000 is taken
 demo: install
-	$(PY) -m chatforge demo
+	$(PY) -m chatforge demo $(if $(PORT),--port $(PORT))
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

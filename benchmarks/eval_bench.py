@@ -34,7 +34,8 @@ def chatterbot_questions(count: int) -> list[str]:
     from chatforge.demo import demo_inputs
 
     questions: list[str] = []
-    for path in sorted(p for folder in demo_inputs() for p in (folder.glob("*.yml") if folder.is_dir() else [folder])):
+    for path in sorted(p for folder in demo_inputs() for p in (folder.glob("*.yml") if folder.is_dir() else [folder])
+                       if p.suffix == ".yml"):
         for item in read_file(path, "chatterbot", FormatOptions()):
             record = getattr(item, "record", item)
             if not isinstance(record, dict):

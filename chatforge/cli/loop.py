@@ -15,11 +15,11 @@ from chatforge.config import ConfigError
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="where the demo writes its project and outputs")] = Path("demo-out"),
-    fast: Annotated[bool, typer.Option("--fast", envvar="DEMO_FAST", help="a tiny model trained from scratch (~2 min) instead of Gemma 3 270M")] = False,
-    minutes: Annotated[float | None, typer.Option(help="training time budget (default 5, or 1 with --fast)")] = None,
+    fast: Annotated[bool, typer.Option("--fast", envvar="DEMO_FAST", help="a tiny model trained from scratch (~2 min) instead of SmolLM2-135M-Instruct")] = False,
+    minutes: Annotated[float | None, typer.Option(help="training time budget guarding the recipe's steps (default 30, or 1 with --fast)")] = None,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="serve the result at the end")] = True,
     check: Annotated[bool, typer.Option("--check", help="serve, answer one chat request with the new key, then stop (for CI)")] = False,
-    port: Annotated[int | None, typer.Option(help="port to serve on (default 8000)")] = None,
+    port: Annotated[int | None, typer.Option(help="port to serve on (default 8000, or a free one when 8000 is taken)")] = None,
 ) -> None:
     """The whole loop on the bundled sample: prepare -> fine-tune -> evaluate against the base -> serve."""
     from chatforge.demo import write_demo_project
@@ -27,8 +27,8 @@ def demo(
     from chatforge.pipeline import PipelineError, run_project
     from chatforge.train.loop import TrainError
 
-    budget = minutes if minutes is not None else (1.0 if fast else 5.0)
-    console.rule(f"chatforge demo ({'tiny model, fast' if fast else 'Gemma 3 270M + LoRA'})")
+    budget = minutes if minutes is not None else (1.0 if fast else 30.0)
+    console.rule(f"chatforge demo ({'tiny model, fast' if fast else 'SmolLM2-135M-Instruct + LoRA'})")
     try:
         project_file = write_demo_project(out, fast, budget, log=log_line)
         project = load_project(project_file)
@@ -43,8 +43,26 @@ def demo(
     if serve or check:
         from chatforge.cli.serve import serve_run
 
-        serve_cfg = project.serve if port is None else project.serve.model_copy(update={"port": port})
+        serve_port = port if port is not None else free_port_near(project.serve.host, project.serve.port)
+        serve_cfg = project.serve.model_copy(update={"port": serve_port})
         serve_run(str(run_dir), serve_cfg, demo_key=True, check=check)
+
+
+def free_port_near(host: str, port: int) -> int:
+    """`port` when it is free on `host`, else a free one the system picks (said on the console)."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+            return port
+        except OSError:
+            pass
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        free = int(probe.getsockname()[1])
+    console.print(f"[yellow]port {port} is taken; serving on {free} instead (or pass --port / make demo PORT=...)[/]")
+    return free
 
 
 def print_demo_summary(dataset_dir: Path, run_dir: Path, eval_dir: Path) -> None:
@@ -58,12 +76,19 @@ def print_demo_summary(dataset_dir: Path, run_dir: Path, eval_dir: Path) -> None
     console.rule("dataset")
     for line in summary_lines(card):
         console.print(f"  {line}", highlight=False)
+    counts = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8")).get("counts", {})
+    if counts.get("stopped_by") == "time budget":
+        console.print(f"[bold red]TRAINING WAS CUT SHORT by the time budget: {counts.get('steps')} of "
+                      f"{counts.get('planned_steps')} planned steps.[/] The results below are weaker than the recipe's; "
+                      "rerun with a larger --minutes (or on a quieter machine) for the full run.", highlight=False)
     metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
     console.rule("fine-tuned vs base")
     console.print(metric_table(metrics))
     bias = metrics.get("bias")
     if bias:
-        console.print(f"bias probe: {bias['flagged_pairs']} of {bias['total_pairs']} counterfactual pairs flagged")
+        base_bias = metrics.get("bias_baseline")
+        base_note = f" (the base model: {base_bias['flagged_pairs']})" if base_bias else ""
+        console.print(f"bias probe: {bias['flagged_pairs']} of {bias['total_pairs']} counterfactual pairs flagged{base_note}")
     console.print(f"[bold green]report:[/] {escape(str(eval_dir / 'report.html'))}", highlight=False)
 
 

@@ -82,7 +82,9 @@ def train_command(
     config_file: Annotated[Path | None, typer.Argument(help="project file (chatforge.yaml)")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="project file (same as the argument)")] = None,
     data: Annotated[str | None, typer.Option(help="prepared dataset directory")] = None,
-    model: Annotated[str | None, typer.Option(help="base model: HF dir, hub id or .gguf (default Gemma 3 270M)")] = None,
+    model: Annotated[str | None, typer.Option(help="base model: HF dir, hub id, .gguf or a packaged name (default Gemma 3 270M)")] = None,
+    chat_template: Annotated[str | None, typer.Option(help="chat template NAME (chatml, gemma, llama3) or FILE.jinja; "
+                                                      "default: the tokenizer's own")] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="run directory")] = None,
     method: Annotated[str | None, typer.Option(help="lora or full")] = None,
     train_on: Annotated[str | None, typer.Option(help="assistant, last_assistant or all")] = None,
@@ -97,6 +99,8 @@ def train_command(
     max_steps: Annotated[int | None, typer.Option()] = None,
     eval_every: Annotated[int | None, typer.Option()] = None,
     save_every: Annotated[int | None, typer.Option()] = None,
+    histogram_every: Annotated[int | None, typer.Option(help="steps between weight/grad histograms (default: ~5 per run)")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="stop training after this much step time (then export)")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     lora_r: Annotated[int | None, typer.Option(help="LoRA rank")] = None,
     merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="export the adapter merged into the base")] = None,
@@ -109,10 +113,11 @@ def train_command(
     try:
         project = load_project(config or config_file)
         overrides: dict[str, Any] = {
-            "data": data, "model": model, "out": out, "method": method, "train_on": train_on, "packing": packing,
+            "data": data, "model": model, "chat_template": chat_template, "out": out, "method": method, "train_on": train_on, "packing": packing,
             "max_length": max_length, "lr": lr, "optimizer": optimizer, "schedule": schedule,
             "batch_size": batch_size, "grad_accum": grad_accum, "epochs": epochs, "max_steps": max_steps,
             "eval_every": eval_every, "save_every": save_every, "seed": seed, "lora.r": lora_r, "merge": merge,
+            "histogram_every": histogram_every, "max_minutes": max_minutes,
         }
         cfg = merge_overrides(project.train, overrides)
         report = train(cfg, resume=resume, dry_run=dry_run, log=log_line)
@@ -121,15 +126,15 @@ def train_command(
     if dry_run or os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
     best = f"{report.best_val_loss:.4f}" if report.best_val_loss is not None else "n/a"
-    console.print(f"[bold green]run ready:[/] {report.run_dir / 'model'}  ({report.steps} steps, best val loss {best}"
-                  f"{', stopped early' if report.stopped_early else ''})")
+    console.print(f"[bold green]run ready:[/] {report.run_dir / 'model'}  ({report.steps} of {report.planned_steps} "
+                  f"steps, best val loss {best}{f', stopped by {report.stopped_by}' if report.stopped_by else ''})")
 
 
 @app.command()
 def inspect(
     dataset: Annotated[Path, typer.Argument(help="prepared dataset dir or a JSONL file")],
     model: Annotated[str | None, typer.Option(help="tokenizer: HF dir, hub id or .gguf")] = None,
-    chat_template: Annotated[str | None, typer.Option(help="named template if the tokenizer has none")] = None,
+    chat_template: Annotated[str | None, typer.Option(help="chat template NAME or FILE.jinja (default: the tokenizer's own)")] = None,
     train_on: Annotated[str, typer.Option(help="assistant, last_assistant or all")] = "assistant",
     index: Annotated[int, typer.Option(help="which record")] = 0,
     split: Annotated[str, typer.Option(help="which split file of a dataset dir")] = "train",

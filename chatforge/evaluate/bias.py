@@ -246,8 +246,8 @@ def answer_logliks(loaded: LoadedRun, conversations: Sequence[tuple[str, str]], 
                              f"{max_length}-token context")
         positions = [i for i, label in enumerate(example.labels) if label != IGNORE]
         if not positions:
-            raise ValueError("bias probe: the chat template marks no answer tokens (no {% generation %} block); "
-                             "use a named chat template (chatml, gemma, llama3), as training does")
+            raise ValueError(f"bias probe: the chat template shows none of the answer {answer[:60]!r} "
+                             "(see `chatforge inspect` for what the model is trained on)")
         encoded.append((example.input_ids, positions))
     vocab = _vocab_size(loaded)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))

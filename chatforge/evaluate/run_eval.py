@@ -15,6 +15,7 @@ prompted with the same template, so "does it answer in the format and stop by it
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import time
@@ -26,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from chatforge.config import EvalConfig
+from chatforge.config import EvalConfig, GenerationConfig
 from chatforge.data.records import read_jsonl, write_jsonl
 from chatforge.evaluate.labels import label_metrics
 from chatforge.evaluate.likelihood import masked_likelihood
@@ -109,6 +110,7 @@ def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = prin
 
     baseline_spec = cfg.baseline or base_model_of(run_dir, train_cfg)
     base_side: dict[str, Any] | None = None
+    bias_baseline: dict[str, Any] | None = None
     baseline_info: dict[str, Any] | None = None
     if baseline_spec and baseline_spec.lower() != "none":
         with manifest.timed("baseline_load"):
@@ -116,6 +118,12 @@ def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = prin
         log(f"baseline {baseline_spec} ({baseline.kind})")
         base_side = score_model(baseline, items, cfg, train_cfg, manifest, "baseline", log)
         baseline_info = {"model": str(baseline_spec), "kind": baseline.kind, "metrics": base_side["metrics"]}
+        if cfg.bias.enabled:  # the base's own flags, so a user sees which ones fine-tuning introduced
+            from chatforge.evaluate.bias import probe_bias
+
+            with manifest.timed("bias_baseline"):
+                bias_baseline = probe_bias(baseline, cfg.bias)
+            log(f"bias probe of the base: {bias_baseline['flagged_pairs']} of {bias_baseline['total_pairs']} pairs flagged")
         del baseline
         gc.collect()
 
@@ -127,6 +135,7 @@ def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = prin
         "baseline": baseline_info,
         "deltas": deltas(run_side["metrics"], base_side["metrics"]) if base_side else {},
         "bias": bias,
+        "bias_baseline": bias_baseline,
         "generation": run_side["generation"],
         "timings": dict(manifest.timings_s),
     }
@@ -170,7 +179,7 @@ def score_model(
         likelihood = masked_likelihood(loaded, examples, cfg.batch_size)
     gen = cfg.generation
     settings = SamplingSettings(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-                                seed=gen.seed)
+                                seed=gen.seed, **penalty_settings(gen))
     prompts = [chat_prompt_ids(loaded.tokenizer, item.prompt) for item in items]
     started = time.perf_counter()
     with manifest.timed(f"{side}_generation"):
@@ -199,7 +208,23 @@ def _seeded(settings: SamplingSettings, index: int) -> SamplingSettings:
     """Per-prompt seeds (seed + index): sampled answers repeat run after run, whatever the batching."""
     if settings.temperature <= 0 or settings.seed is None:
         return settings
-    return SamplingSettings(settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed + index, settings.stop)
+    return dataclasses.replace(settings, seed=settings.seed + index)
+
+
+def penalty_settings(gen: GenerationConfig) -> dict[str, float]:
+    """The OpenAI-style penalties of `gen` that differ from "off", as SamplingSettings keyword arguments.
+
+    Only those are passed, so eval runs with a decoder that has no penalty fields as long as none is asked for."""
+    wanted = {"frequency_penalty": gen.frequency_penalty, "presence_penalty": gen.presence_penalty,
+              "repetition_penalty": gen.repetition_penalty}
+    off = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
+    supported = {f.name for f in dataclasses.fields(SamplingSettings)}
+    asked = {name: value for name, value in wanted.items() if value != off[name]}
+    missing = sorted(set(asked) - supported)
+    if missing:
+        raise EvalError(f"eval.generation.{missing[0]}: this chatforge's decoder has no such setting; leave it at "
+                        f"{off[missing[0]]}")
+    return asked
 
 
 def prediction_rows(items: list[EvalItem], run_side: dict[str, Any], base_side: dict[str, Any] | None) -> list[dict[str, Any]]:

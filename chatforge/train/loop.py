@@ -27,6 +27,7 @@ from chatforge.manifest import Manifest
 from chatforge.train.batches import (
     Example,
     collate,
+    mask_summary,
     pack_examples,
     plan_batches,
     tokenize_records,
@@ -54,7 +55,9 @@ class TrainReport:
     best_val_loss: float | None
     stopped_early: bool
     estimate: dict[str, Any] = field(default_factory=dict)
-    final: dict[str, float] = field(default_factory=dict)
+    final: dict[str, Any] = field(default_factory=dict)
+    planned_steps: int = 0
+    stopped_by: str | None = None  # "time budget" | "early stopping" | None (all planned steps done)
 
 
 @dataclass
@@ -162,10 +165,14 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
 
     tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_examples = tokenize_records(read_split(data_dir, "train", cfg.max_train_examples), tokenizer, cfg.train_on, cfg.max_length)
+    train_records = read_split(data_dir, "train", cfg.max_train_examples)
+    train_examples = tokenize_records(train_records, tokenizer, cfg.train_on, cfg.max_length)
     val_examples = tokenize_records(read_split(data_dir, "val", cfg.max_val_examples), tokenizer, cfg.train_on, cfg.max_length)
     if not train_examples:
-        raise TrainError(f"{data_dir}/train.jsonl has no example with a trained token")
+        raise TrainError(f"{data_dir}/train.jsonl: none of its {len(train_records)} conversations has a token to train "
+                         f"on (train_on {cfg.train_on}, max_length {cfg.max_length}): are the answers cut off by "
+                         f"max_length? `chatforge inspect {data_dir}` shows what the chat template renders")
+    say(mask_summary(train_examples))
     plan = make_plan(train_examples, cfg, accelerator.process_index, accelerator.num_processes)
     total_steps = len(plan.step_tokens)
     val_batches = plan_batches(val_examples, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed, epoch=0)
@@ -205,12 +212,26 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
     accelerator.wait_for_everyone()
 
     monitor = RunMonitor(run_dir, total_steps, start_step, enabled=is_main)
+    histogram_every = cfg.histogram_every or max(1, total_steps // 5)  # None: about five per run, however short
     stopper = EarlyStopper(cfg.early_stopping.patience, cfg.early_stopping.min_delta, state["best_val_loss"], state["bad_evals"])
     world = accelerator.num_processes
-    step, stopped_early, last_eval_step = start_step, False, None
+    step, stopped_early, last_eval_step, stopped_by = start_step, False, None, None
     training_seconds = 0.0  # steps and evaluations, for max_minutes
     # Rates count step time only (not evaluation or checkpoint writing), over the steps since the last log line.
-    seconds_window, tokens_window, positions_window, steps_window = 0.0, 0, 0, 0
+    window = {"seconds": 0.0, "tokens": 0, "positions": 0, "steps": 0}
+
+    def log_train_step(step: int, train_loss: float, grad_norm: Any) -> None:
+        """Train scalars of `step`, with rates over the steps since the last log line."""
+        elapsed = max(window["seconds"], 1e-9)
+        values = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
+                  "train/seconds_per_step": elapsed / max(1, window["steps"]),
+                  "train/trained_tokens_per_s": window["tokens"] / elapsed,
+                  "train/positions_per_s": window["positions"] * world / elapsed}
+        if grad_norm is not None:
+            values["train/grad_norm"] = float(grad_norm)
+        monitor.scalars(step, values)
+        window.update(seconds=0.0, tokens=0, positions=0, steps=0)
+
     loss_model.train()
     while step < total_steps and not stopped_early:
         step_started = time.perf_counter()
@@ -225,32 +246,31 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
                 # DDP averages gradients over processes, so scale by world: the step's gradient is the token mean.
                 accelerator.backward(loss_sum * world / max(1, plan.step_tokens[step]))
             step_loss += torch.stack([loss_sum.detach().double(), n_tokens.double()])
-            positions_window += int(tensors["input_ids"].numel())
+            window["positions"] += int(tensors["input_ids"].numel())
         grad_norm = accelerator.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip else None
         step += 1
-        if is_main and step % cfg.histogram_every == 0:
+        if is_main and step % histogram_every == 0:
             monitor.histograms(step, model)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step_loss = accelerator.reduce(step_loss, reduction="sum")
-        tokens_window += int(step_loss[1])
-        steps_window += 1
-        seconds_window += time.perf_counter() - step_started
+        window["tokens"] += int(step_loss[1])
+        window["steps"] += 1
+        window["seconds"] += time.perf_counter() - step_started
         state["tokens_seen"] += int(step_loss[1])
         train_loss = float(step_loss[0] / step_loss[1].clamp(min=1))
-        if step % cfg.log_every == 0 or step == total_steps:
-            elapsed = max(seconds_window, 1e-9)
-            values = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
-                      "train/seconds_per_step": elapsed / steps_window,
-                      "train/trained_tokens_per_s": tokens_window / elapsed,
-                      "train/positions_per_s": positions_window * world / elapsed}
-            if grad_norm is not None:
-                values["train/grad_norm"] = float(grad_norm)
-            monitor.scalars(step, values)
-            seconds_window, tokens_window, positions_window, steps_window = 0.0, 0, 0, 0
+        # The time budget is checked before this step's logging and validation, so a budget stop still logs its
+        # last step and validates it: metrics.jsonl and the report's curve are never empty.
+        out_of_time = bool(cfg.max_minutes) and step < total_steps and _all_agree(
+            accelerator, training_seconds + time.perf_counter() - step_started > (cfg.max_minutes or 0) * 60)
+        last_step = step == total_steps or out_of_time
+        logged = False
+        if step % cfg.log_every == 0 or last_step:
+            log_train_step(step, train_loss, grad_norm)
+            logged = True
         monitor.show(step, f"loss {train_loss:.3f}", step % cfg.log_every == 0)
-        if val_examples and (step % cfg.eval_every == 0 or step == total_steps):
+        if val_examples and (step % cfg.eval_every == 0 or last_step):
             metrics = evaluate_loss(loss_model, val_examples, val_batches, cfg, pad_id, accelerator)
             last_eval_step = step
             improved, stopped_early = stopper.update(metrics["val/loss"])
@@ -260,13 +280,16 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
             if improved and is_main:
                 save_best(checkpoints, model, {"step": step, **metrics})
             if stopped_early:
+                stopped_by = "early stopping"
                 say(f"early stopping: no val-loss improvement > {cfg.early_stopping.min_delta} in "
                     f"{stopper.bad_evals} evaluations")
+                if not logged:
+                    log_train_step(step, train_loss, grad_norm)
         training_seconds += time.perf_counter() - step_started
-        if cfg.max_minutes and step < total_steps and not stopped_early and _all_agree(
-                accelerator, training_seconds > cfg.max_minutes * 60):
-            say(f"time budget: {cfg.max_minutes:g} min of training used at step {step} of {total_steps}; stopping")
-            stopped_early = True
+        if out_of_time and not stopped_early:
+            stopped_by, stopped_early = "time budget", True
+            say(f"TIME BUDGET: {cfg.max_minutes:g} min of training used at step {step} of {total_steps} planned; "
+                f"stopping with the best checkpoint so far (raise max_minutes for the full plan)")
         if step % cfg.save_every == 0 or step == total_steps or stopped_early:
             state |= {"cursor": step * plan.micro_per_step, "best_val_loss": stopper.best, "bad_evals": stopper.bad_evals}
             if is_main:
@@ -275,13 +298,14 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
     monitor.close()
     if (checkpoints / "best").exists():
         load_trainable_state(model, checkpoints / "best" / "trainable.safetensors")
-    final = {"steps": step, "tokens_seen": state["tokens_seen"], "last_eval_step": last_eval_step}
+    final = {"steps": step, "planned_steps": total_steps, "stopped_by": stopped_by, "tokens_seen": state["tokens_seen"],
+             "last_eval_step": last_eval_step}
     if is_main:
         manifest.extra["estimate"] = {k: v for k, v in estimate.items() if k != "summary"}
         export_run(run_dir, accelerator.unwrap_model(loss_model).model, tokenizer, cfg, base_location, manifest, final, stopper.best)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainReport(run_dir, step, stopper.best, stopped_early, estimate, final)
+    return TrainReport(run_dir, step, stopper.best, stopped_early, estimate, final, total_steps, stopped_by)
 
 
 

@@ -60,6 +60,10 @@ def apply_lora(model: nn.Module, settings: LoraSettings, token_ids: list[int] | 
         embedding = model.get_input_embeddings()
         name = next(n for n, module in model.named_modules() if module is embedding).rsplit(".", 1)[-1]
         extra["trainable_token_indices"] = {name: sorted(set(token_ids))}
+    if settings.last_layers:
+        layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+        if settings.last_layers < layers:  # backward then stops at the lowest adapted layer
+            extra["layers_to_transform"] = list(range(layers - settings.last_layers, layers))
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=targets, task_type="CAUSAL_LM", **extra)
     return get_peft_model(model, config)

@@ -125,11 +125,12 @@ def test_batched_answer_logliks_equal_one_conversation_at_a_time(tiny_model_dir:
         assert value == pytest.approx(by_hand, abs=1e-4)
 
 
-def test_a_chat_template_without_answer_markers_is_refused(tiny_model_dir: Path) -> None:
+def test_a_chat_template_without_answer_markers_scores_the_same_answer_tokens(tiny_model_dir: Path) -> None:
     loaded = load_run(tiny_model_dir)
+    loaded.tokenizer.chat_template = GEMMA_TEMPLATE
+    with_markers = answer_logliks(loaded, [("Hello", "Hi there")])
     loaded.tokenizer.chat_template = GEMMA_TEMPLATE.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
-    with pytest.raises(ValueError, match=r"marks no answer tokens \(no \{% generation %\} block\)"):
-        answer_logliks(loaded, [("Hello", "Hi there")])
+    assert answer_logliks(loaded, [("Hello", "Hi there")]) == pytest.approx(with_markers, abs=1e-5)
 
 
 def test_bundled_probe_set_covers_five_attributes_with_every_term_in_the_prompt() -> None:
