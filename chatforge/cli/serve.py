@@ -42,7 +42,8 @@ def serve_command(
     db: DbOption = None,
     backend: Annotated[str | None, typer.Option(help="torch (default), llamacpp or upstream")] = None,
     upstream_url: Annotated[str | None, typer.Option(help="OpenAI-compatible server to forward to (backend upstream)")] = None,
-    gguf: Annotated[str | None, typer.Option(help="GGUF file (backend llamacpp)")] = None,
+    gguf: Annotated[str | None, typer.Option(help="GGUF file (backend llamacpp; default: RUN exported, cached)")] = None,
+    quantize: Annotated[str | None, typer.Option(help="none (default) or int8: int8 Linear weights (torch, CPU)")] = None,
     max_batch: Annotated[int | None, typer.Option(help="requests decoded together")] = None,
     max_queue: Annotated[int | None, typer.Option(help="waiting requests before 503")] = None,
     config: ConfigOption = None,
@@ -51,7 +52,7 @@ def serve_command(
     try:
         cfg = _serve_config(config, {"run": run, "host": host, "port": port, "db": db, "backend": backend,
                                      "upstream_url": upstream_url, "gguf": gguf, "max_batch": max_batch,
-                                     "max_queue": max_queue})
+                                     "max_queue": max_queue, "quantize": quantize})
     except ConfigError as exc:
         fail(str(exc))
     if not cfg.run and cfg.backend == "torch":
