@@ -155,11 +155,13 @@ class ServerProcess:
 
         self.port = int(command[command.index("--port") + 1])
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # stderr to a file, not a pipe: a chatty server (llama.cpp logs every load) blocks once a pipe's 64 KB fill
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="serve-bench-", suffix=".log")
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
-                stderr = self.process.stderr.read() if self.process.stderr else ""
+                stderr = Path(self.log.name).read_text(errors="replace")
                 raise RuntimeError(f"the server exited ({self.process.returncode}): {stderr[-2000:]}")
             try:
                 if httpx.get(self.url + ready_path, headers=headers, timeout=2).status_code == 200:
@@ -185,6 +187,7 @@ class ServerProcess:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        self.log.close()
 
 
 def chatforge_server(args: argparse.Namespace, tmp: Path, name: str, **settings: Any) -> tuple[ServerProcess, Any]:
