@@ -73,12 +73,13 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 async def one_request(client: Any, url: str, key: str | None, model: str | None, max_tokens: int, index: int,
-                      stats: ClientStats) -> None:
+                      stats: ClientStats, stream: bool = True) -> None:
     import httpx
 
     body: dict[str, Any] = {"messages": [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
-                            "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                            "stream_options": {"include_usage": True}}
+                            "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
     if model:
         body["model"] = model
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -90,7 +91,10 @@ async def one_request(client: Any, url: str, key: str | None, model: str | None,
                 await response.aread()
                 stats.count(str(response.status_code))
                 return
-            async for line in response.aiter_lines():
+            if not stream:  # the whole answer at once: its first token comes with the last
+                usage_tokens = json.loads(await response.aread())["usage"]["completion_tokens"]
+                first = time.perf_counter()
+            async for line in (response.aiter_lines() if stream else _no_lines()):
                 if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                     continue
                 chunk = json.loads(line[5:])
@@ -112,7 +116,13 @@ async def one_request(client: Any, url: str, key: str | None, model: str | None,
     stats.tokens += usage_tokens if usage_tokens is not None else pieces
 
 
-async def drive(url: str, keys: list[str | None], model: str | None, seconds: float, max_tokens: int) -> dict[str, Any]:
+async def _no_lines() -> Any:
+    for line in ():
+        yield line
+
+
+async def drive(url: str, keys: list[str | None], model: str | None, seconds: float, max_tokens: int,
+                stream: bool = True) -> dict[str, Any]:
     """One client per entry of `keys`, looping until `seconds` pass; the merged figures."""
     import httpx
 
@@ -123,7 +133,7 @@ async def drive(url: str, keys: list[str | None], model: str | None, seconds: fl
         request_index = client_index
         async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0)) as client:
             while time.perf_counter() < deadline:
-                await one_request(client, url, key, model, max_tokens, request_index, stats)
+                await one_request(client, url, key, model, max_tokens, request_index, stats, stream)
                 request_index += len(keys)
 
     started = time.perf_counter()
@@ -132,6 +142,7 @@ async def drive(url: str, keys: list[str | None], model: str | None, seconds: fl
     return {"clients": len(keys), "seconds": round(elapsed, 2), "requests": sum(stats.statuses.values()),
             "tokens_per_s": round(stats.tokens / elapsed, 1), "p50_latency_s": percentile(stats.latencies, 0.5),
             "p99_latency_s": percentile(stats.latencies, 0.99), "p50_ttft_s": percentile(stats.ttfts, 0.5),
+            "p99_ttft_s": percentile(stats.ttfts, 0.99),
             "statuses": dict(sorted(stats.statuses.items()))}
 
 
@@ -144,11 +155,13 @@ class ServerProcess:
 
         self.port = int(command[command.index("--port") + 1])
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # stderr to a file, not a pipe: a chatty server (llama.cpp logs every load) blocks once a pipe's 64 KB fill
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="serve-bench-", suffix=".log")
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
-                stderr = self.process.stderr.read() if self.process.stderr else ""
+                stderr = Path(self.log.name).read_text(errors="replace")
                 raise RuntimeError(f"the server exited ({self.process.returncode}): {stderr[-2000:]}")
             try:
                 if httpx.get(self.url + ready_path, headers=headers, timeout=2).status_code == 200:
@@ -174,6 +187,7 @@ class ServerProcess:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        self.log.close()
 
 
 def chatforge_server(args: argparse.Namespace, tmp: Path, name: str, **settings: Any) -> tuple[ServerProcess, Any]:

@@ -354,7 +354,9 @@ class ServeConfig(StrictModel):
     db: str = Field(default="sqlite:///chatforge.db", description="SQLAlchemy URL: sqlite:///file.db or postgresql://...")
     backend: Literal["torch", "llamacpp", "upstream"] = "torch"
     upstream_url: str | None = Field(default=None, description="OpenAI-compatible server (vLLM, llama.cpp) for backend upstream")
-    gguf: str | None = Field(default=None, description="GGUF file for backend llamacpp")
+    gguf: str | None = Field(default=None, description="GGUF file for backend llamacpp (default: the run, exported and cached)")
+    gguf_quant: Literal["q8_0", "f16", "f32"] = Field(default="q8_0", description="how backend llamacpp exports the run")
+    quantize: Literal["none", "int8"] = Field(default="none", description="torch backend: int8 weights for the linear layers and LM head (CPU, dynamic quantisation)")
     max_batch: int = Field(default=8, ge=1, description="requests decoded together")
     max_queue: int = Field(default=64, ge=1, description="waiting requests beyond this get 503 + Retry-After")
     request_timeout_s: float = Field(default=120.0, gt=0)

@@ -44,7 +44,8 @@ def serve_command(
     backend: Annotated[str | None, typer.Option(help="torch (default), llamacpp or upstream")] = None,
     upstream_url: Annotated[str | None, typer.Option(help="OpenAI-compatible server to forward to (backend upstream)")] = None,
     upstream: Annotated[list[str] | None, typer.Option(help="an upstream server, repeat for several (serve.upstreams: least busy healthy one, failover)")] = None,
-    gguf: Annotated[str | None, typer.Option(help="GGUF file (backend llamacpp)")] = None,
+    gguf: Annotated[str | None, typer.Option(help="GGUF file (backend llamacpp; default: RUN exported, cached)")] = None,
+    quantize: Annotated[str | None, typer.Option(help="none (default) or int8: int8 Linear weights (torch, CPU)")] = None,
     max_batch: Annotated[int | None, typer.Option(help="requests decoded together")] = None,
     max_queue: Annotated[int | None, typer.Option(help="waiting requests before 503")] = None,
     api_docs: Annotated[bool | None, typer.Option("--api-docs/--no-api-docs", help="serve /docs, /redoc, /openapi.json")] = None,
@@ -54,7 +55,8 @@ def serve_command(
     try:
         cfg = _serve_config(config, {"run": run, "host": host, "port": port, "db": db, "backend": backend,
                                      "upstream_url": upstream_url, "upstreams": upstream, "gguf": gguf,
-                                     "max_batch": max_batch, "max_queue": max_queue, "api_docs": api_docs})
+                                     "max_batch": max_batch, "max_queue": max_queue, "api_docs": api_docs,
+                                     "quantize": quantize})
     except ConfigError as exc:
         fail(str(exc))
     if not cfg.run and cfg.backend == "torch":

@@ -4,6 +4,7 @@ Use it like this::
 
     export_hf("runs/r1", Path("exports/r1-hf"))                  # adapter merged into its base, chat template included
     export_gguf("runs/r1", Path("exports/r1.gguf"), quant="q8_0")   # f16 | q8_0 | f32; chat template embedded
+    cached_gguf("runs/r1")              # the run as GGUF under ~/.cache/chatforge/gguf/, made once per run hash
 
 The GGUF conversion is llama.cpp's own `convert_hf_to_gguf.py`, taken from the llama-cpp-python source package
 (pinned below) the first time it is needed: `pip download` fetches the sdist from PyPI into
@@ -16,19 +17,23 @@ so `chatforge lineage RUN` lists it.
 
 from __future__ import annotations
 
-import shutil
+import hashlib
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from chatforge.manifest import MANIFEST_NAME, Manifest
+from chatforge.manifest import MANIFEST_NAME, Manifest, sha256_file
+from chatforge.models.llamacpp_build import (
+    LLAMA_CPP_PYTHON_VERSION,
+    LlamaCppBuildError,
+    extract_vendored,
+    llama_cpp_root,
+)
 from chatforge.models.run import find_run, load_run, stop_token_ids
 from chatforge.models.source import cache_root
 
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 GGUF_QUANTS = ("f16", "q8_0", "f32")
 
 
@@ -100,6 +105,22 @@ def export_gguf(run: Path | str, out_file: Path, quant: str = "q8_0") -> Path:
     return out_file
 
 
+def cached_gguf(run: Path | str, quant: str = "q8_0") -> Path:
+    """The run exported to GGUF in the cache (what `serve --backend llamacpp RUN` serves): made on the first call,
+    then reused while the run's weights and tokenizer files hash the same."""
+    files = _single_model_run(run)
+    digest = hashlib.sha256()
+    for directory in sorted({files.weights_dir, files.tokenizer_dir}):
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            digest.update(f"{path.relative_to(directory)}\0{sha256_file(path)}\0".encode())
+    out_file = cache_root() / "gguf" / f"{files.run_dir.name}-{digest.hexdigest()[:16]}-{quant}.gguf"
+    if not out_file.is_file():
+        partial = out_file.with_name(out_file.stem + ".partial.gguf")
+        export_gguf(run, partial, quant=quant)
+        partial.replace(out_file)  # a failed or interrupted export never leaves a file that looks done
+    return out_file
+
+
 def gguf_chat_template(path: Path) -> str | None:
     """The chat template embedded in a GGUF file (tokenizer.chat_template), or None."""
     value = read_gguf_metadata(path, {"tokenizer.chat_template"}).get("tokenizer.chat_template")
@@ -154,30 +175,12 @@ def read_gguf_metadata(path: Path, keys: set[str]) -> dict[str, Any]:
 
 def llama_cpp_converter() -> Path:
     """llama.cpp's convert_hf_to_gguf.py with its gguf-py, unpacked once from the pinned llama-cpp-python sdist."""
-    root = cache_root() / "llama.cpp" / LLAMA_CPP_PYTHON_VERSION
-    script = root / "convert_hf_to_gguf.py"
-    if script.is_file():
-        return script
-    with tempfile.TemporaryDirectory(prefix="chatforge-llamacpp-") as tmp:
-        download = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-             f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", tmp],
-            capture_output=True, text=True, check=False,
-        )
-        archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if download.returncode != 0 or not archives:
-            raise ExportError("GGUF export needs llama.cpp's converter from PyPI (the llama-cpp-python source "
-                              f"package); `pip download` failed: {download.stderr.strip()[-300:]}")
-        staging = Path(tmp) / "unpacked"
-        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
-        wanted = ("convert_hf_to_gguf.py", "gguf-py/", "conversion/")
-        with tarfile.open(archives[0]) as archive:
-            members = [m for m in archive.getmembers()
-                       if m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted)]
-            archive.extractall(staging, members=members, filter="data")
-        root.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.move(str(staging / prefix), str(root))
+    script = llama_cpp_root() / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        try:
+            extract_vendored(script.parent, ("convert_hf_to_gguf.py", "gguf-py/", "conversion/"))
+        except LlamaCppBuildError as exc:
+            raise ExportError(f"GGUF export needs llama.cpp's converter: {exc}") from None
     return script
 
 

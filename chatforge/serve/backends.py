@@ -18,8 +18,8 @@ vLLM or llama.cpp servers behind one `upstream` URL).
 - `torch` (default): `TorchEngine`, dynamic batching with a KV cache (see engine.py).
 - `upstream`: forwards to one or more OpenAI-compatible servers (`serve.upstreams`, or `serve.upstream_url`), least
   busy healthy one first, with health checks and failover: see upstream.py.
-- `llamacpp`: llama-cpp-python on `serve.gguf` (from `chatforge export RUN --gguf`), one request at a time; the
-  optional extra: `pip install llama-cpp-python`.
+- `llamacpp`: llama-cpp-python on `serve.gguf`, or on `serve.run` exported to GGUF by itself (cached by the run's
+  hash), one request at a time; see llamacpp.py. The optional extra: `pip install 'chatforge[llamacpp]'`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import Any, Protocol
 
 from chatforge.config import ServeConfig
 from chatforge.models.generate import SamplingSettings, chat_prompt_ids, context_length
+from chatforge.models.quantize import quantize_int8
 from chatforge.models.run import LoadedRun, load_run
 from chatforge.serve.engine import Delta, Overloaded, ServeUnavailable, TorchEngine
 
@@ -110,9 +110,9 @@ def make_backend(cfg: ServeConfig) -> Backend:
         from chatforge.serve.upstream import upstream_backend  # upstream.py builds on this module
 
         return upstream_backend(cfg)
-    if not cfg.gguf:
-        raise ValueError("serve.backend is llamacpp but serve.gguf is not set (make one with chatforge export --gguf)")
-    return LlamaCppBackend(cfg, cfg.gguf)
+    from chatforge.serve.llamacpp import LlamaCppBackend  # here, not at the top: llamacpp.py imports this module
+
+    return LlamaCppBackend(cfg)
 
 
 class TorchBackend:
@@ -140,6 +140,8 @@ class TorchBackend:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.loaded = await asyncio.to_thread(load_run, self.run, device=device)
             self.context_length = context_length(self.loaded)
+            if self.cfg.quantize == "int8":
+                self.loaded = await asyncio.to_thread(quantize_int8, self.loaded)
         if self.engine is None:
             self.engine = TorchEngine(self.loaded, self.cfg.max_batch, self.cfg.max_queue, self.cfg.request_timeout_s,
                                       on_batch=lambda size: self.on_batch(size) if self.on_batch else None)
@@ -228,85 +230,3 @@ def _raise_for_upstream(status: int, body: str, headers: Any) -> None:
     if status in (401, 403):  # the gateway's own key was refused: a configuration problem, not the client's
         raise BackendRejected(502, f"the upstream refused the gateway's key (HTTP {status}); check {UPSTREAM_KEY_ENV}")
     raise BackendRejected(status if status < 500 else 502, f"upstream: {message}", code)
-
-
-class LlamaCppBackend:
-    """llama-cpp-python on a GGUF file, one request at a time (llama.cpp's context is not shared)."""
-
-    def __init__(self, cfg: ServeConfig, gguf: str | Path, model_id: str | None = None) -> None:
-        self.cfg = cfg
-        self.gguf = Path(gguf)
-        self.model_id = model_id or self.gguf.stem
-        self.context_length: int | None = None
-        self.llm: Any = None
-        self.limit = InflightLimit(1, cfg.max_queue)
-
-    async def start(self) -> None:
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            raise RuntimeError("serve.backend llamacpp needs llama-cpp-python: pip install llama-cpp-python "
-                               "(it compiles llama.cpp, several minutes)") from None
-        if not self.gguf.is_file():
-            raise FileNotFoundError(f"{self.gguf}: no such GGUF file; make one with chatforge export RUN --gguf")
-        self.llm = await asyncio.to_thread(Llama, model_path=str(self.gguf), n_ctx=0, verbose=False)
-        self.context_length = int(self.llm.n_ctx())
-
-    async def close(self) -> None:
-        self.llm = None
-
-    def ready(self) -> bool:
-        return self.llm is not None
-
-    def queue_depth(self) -> int:
-        return self.limit.waiting
-
-    def count_tokens(self, job: GenerationInput) -> int:
-        text = "".join(m["content"] for m in job.messages) if job.messages is not None else (job.prompt or "")
-        overhead = 4 * len(job.messages) if job.messages is not None else 0
-        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=True)) + overhead
-
-    async def stream(self, job: GenerationInput) -> AsyncIterator[Delta]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        stop = threading.Event()
-        async with self.limit.slot():
-            worker = asyncio.create_task(asyncio.to_thread(self._produce, job, loop, queue, stop))
-            deadline = loop.time() + self.cfg.request_timeout_s
-            try:
-                while (item := await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))) is not None:
-                    if isinstance(item, Exception):
-                        raise item
-                    yield item
-            except TimeoutError:
-                raise ServeUnavailable("no answer within serve.request_timeout_s", code="timeout") from None
-            finally:
-                stop.set()
-                await asyncio.shield(worker)
-
-    def _produce(self, job: GenerationInput, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any],
-                 stop: threading.Event) -> None:
-        s = job.sampling
-        options = dict(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, stop=s.stop or None,
-                       seed=s.seed, stream=True)
-        try:
-            if job.messages is not None:
-                chunks = self.llm.create_chat_completion(messages=job.messages, **options)
-            else:
-                chunks = self.llm.create_completion(prompt=job.prompt or "", **options)
-            finish, pieces = "length", 0
-            for chunk in chunks:
-                if stop.is_set():
-                    chunks.close()
-                    break
-                choice = chunk["choices"][0]
-                text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-                finish = choice.get("finish_reason") or finish
-                if text:
-                    pieces += 1
-                    loop.call_soon_threadsafe(queue.put_nowait, Delta(text))
-            loop.call_soon_threadsafe(queue.put_nowait, Delta("", finish, self.count_tokens(job), pieces))
-        except Exception as exc:  # surfaces in the request, which answers 500 without details
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, None)

@@ -1,4 +1,5 @@
-"""The torch serving engine: one thread owns the model and decodes waiting requests together, a batch at a time.
+"""The torch serving engine: one thread owns the model and decodes every running request together, with
+continuous batching.
 
 Use it like this (inside a running asyncio loop)::
 
@@ -9,19 +10,24 @@ Use it like this (inside a running asyncio loop)::
     engine.stop()
 
 Requests wait in a bounded queue: when `max_queue` are already waiting, `stream` raises `Overloaded` (the API answers
-503 with Retry-After) instead of holding more memory. The engine thread takes up to `max_batch` waiting requests
-(after a few milliseconds, so requests that arrive together decode together), builds one `DecodeBatch` and steps
-it, handing every new piece of text to its request's asyncio queue through `loop.call_soon_threadsafe`. Requests
-that arrive while a batch decodes start with the next batch: `DecodeBatch` cannot take rows mid-flight, and a batch
-lasts one answer (rows that finish early leave the cache, so the batch only shrinks).
+503 with Retry-After) instead of holding more memory. Between two decode steps the engine thread moves waiting
+requests into the running `DecodeBatch` (up to `max_batch` rows): they are prefilled and decode with the others
+from the next step on, so a request's first token waits for one prefill and one step, not for the batch in flight;
+a row that finishes leaves at once and its place is free for the next request. When nothing runs, the thread waits
+a few milliseconds after the first request so that requests sent together prefill together. Every new piece of
+text goes to its request's asyncio queue through `loop.call_soon_threadsafe`, one wake-up per step.
+
+One bad request never fails another: a prefill that fails is retried request by request and only the culprit
+ends with an error (HTTP 500); a row whose sampling fails ends alone (`DecodeBatch`); only a failed forward pass
+of the whole batch fails the rows in it (they share that computation), and the engine goes on with a fresh batch.
 
 A request that passes `request_timeout_s` (waiting or decoding) ends with `ServeUnavailable` on the asyncio side,
 even while the engine is stuck in a long step; it, or one whose consumer stops iterating (the HTTP client went
-away), is cancelled: dropped from the queue at once, or from its batch (`DecodeBatch.cancel`) at the next step.
+away), is cancelled: dropped from the queue at once, or from the batch (`DecodeBatch.cancel`) before the next step.
 
-Text is handed out incrementally: all generated tokens are decoded and the new suffix is emitted, except a trailing
-U+FFFD (half of a multi-byte character) and a trailing piece that could be the start of a stop string; both follow
-once they are settled, so the pieces always add up to the final answer.
+Text is handed out as `DecodeBatch` settles it (incremental detokenisation: no half characters), except a trailing
+piece that could be the start of a stop string, which follows once it is settled, so the pieces always add up to
+the final answer.
 """
 
 from __future__ import annotations
@@ -34,15 +40,11 @@ import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from chatforge.models.generate import DecodeBatch, Generation, SamplingSettings
+from chatforge.models.generate import DecodeBatch, SamplingSettings
 from chatforge.models.run import LoadedRun
 
 logger = logging.getLogger(__name__)
-
-REPLACEMENT_CHAR = "\ufffd"
-
 
 class ServeUnavailable(Exception):
     """The request cannot be served now (timed out, shutting down, upstream down): HTTP 503 with Retry-After."""
@@ -100,48 +102,28 @@ class EngineRequest:
     finished: bool = False
 
 
-class IncrementalText:
-    """The text of a growing token list, handed out in pieces that are safe to show (see the module docstring)."""
+def stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is the start of a stop string (to hold back until it is settled);
+    looks at the last characters only, so it costs the same however long the answer is."""
+    longest = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:length]):
+                longest = length
+                break
+    return longest
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.emitted_chars = 0
 
-    def update(self, token_ids: Sequence[int]) -> str:
-        """The new settled text after `token_ids` (all generated so far) or "" when nothing new is settled."""
-        text = self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
-        settled = len(text.rstrip(REPLACEMENT_CHAR)) if text.endswith(REPLACEMENT_CHAR) else len(text)
-        settled -= self._stop_prefix_length(text[:settled])
-        return self._take(text, settled)
+@dataclass
+class LiveRow:
+    """A request decoding in the running batch, and how much of its text has been handed out."""
 
-    def finish(self, final_text: str) -> str:
-        """Whatever of the final (stop-string-cut) answer has not been handed out yet."""
-        return self._take(final_text, len(final_text))
-
-    def _take(self, text: str, end: int) -> str:
-        if end <= self.emitted_chars:
-            return ""
-        piece = text[self.emitted_chars:end]
-        self.emitted_chars = end
-        return piece
-
-    def _stop_prefix_length(self, text: str) -> int:
-        """Length of the end of `text` that is, or may yet become, a stop string (from its first whole stop on)."""
-        whole = [text.find(stop) for stop in self.stop if stop in text]
-        if whole:
-            return len(text) - min(whole)
-        longest = 0
-        for stop in self.stop:
-            for length in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:length]):
-                    longest = length
-                    break
-        return longest
+    request: EngineRequest
+    shown_chars: int = 0
 
 
 class TorchEngine:
-    """Dynamic batching over `DecodeBatch` in one background thread; see the module docstring."""
+    """Continuous batching over one `DecodeBatch` in a background thread; see the module docstring."""
 
     def __init__(
         self,
@@ -165,7 +147,7 @@ class TorchEngine:
         self._condition = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._batch_seconds = 1.0  # moving average of a batch's duration: what Retry-After suggests
+        self._step_seconds = 0.1  # moving average of a decode step's duration: what Retry-After is estimated from
         self._outbox: list[tuple[EngineRequest, Delta]] = []  # deliveries of this step (engine thread only)
 
     # --- the asyncio side -------------------------------------------------------------------------------------
@@ -236,7 +218,10 @@ class TorchEngine:
                 self.cancel(request)
 
     def _retry_after(self) -> float:
-        return float(min(30, max(1, math.ceil(self._batch_seconds * (1 + len(self._waiting) // self.max_batch)))))
+        """Seconds until a place is likely free: an average answer's steps, once per full batch waiting ahead."""
+        answer_tokens = self.stats.tokens_out / self.stats.completed if self.stats.completed else 32
+        batches_ahead = 1 + len(self._waiting) // self.max_batch
+        return float(min(30, max(1, math.ceil(self._step_seconds * answer_tokens * batches_ahead))))
 
     # --- the engine thread ------------------------------------------------------------------------------------
     def _deliver(self, request: EngineRequest, delta: Delta) -> None:
@@ -257,91 +242,107 @@ class TorchEngine:
                 pass
 
     def _run(self) -> None:
+        batch = DecodeBatch(self.loaded)
+        live: dict[int, LiveRow] = {}
         while True:
-            requests = self._take_batch()
-            if requests is None:
+            joining = self._admit(len(live))
+            if joining is None:
+                for row in list(live):
+                    batch.cancel(row, "shutdown")
+                    self._deliver(live.pop(row).request, Delta("", "shutdown"))
+                self._flush()
                 return
-            if requests:
+            if joining:
+                self._join(batch, joining, live)
+            self._drop_abandoned_rows(batch, live)
+            if not batch.done:
                 started = time.monotonic()
-                self._decode(requests)
-                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
+                batch = self._step(batch, live)
+                self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.monotonic() - started)
+            self._flush()
 
-    def _take_batch(self) -> list[EngineRequest] | None:
-        """Up to max_batch waiting requests ([] if all were cancelled meanwhile), or None when stopping."""
+    def _admit(self, running: int) -> list[EngineRequest] | None:
+        """Waiting requests that join the running batch now ([] if none or no room), or None when stopping.
+        With nothing running it blocks until a request comes (and waits a few ms for the ones sent with it)."""
         with self._condition:
-            while not self._waiting and not self._stopping:
+            while not running and not self._waiting and not self._stopping:
                 self._condition.wait()
             if self._stopping:
                 self._end_waiting("shutdown")
-                self._flush()
                 return None
-            short = len(self._waiting) < self.max_batch
-        if short and self.batch_wait_s > 0:
+            if not self._waiting or running >= self.max_batch:
+                return []
+            gather = not running and len(self._waiting) < self.max_batch
+        if gather and self.batch_wait_s > 0:
             time.sleep(self.batch_wait_s)  # requests sent together arrive a few hundred microseconds apart
         with self._condition:  # cancelled requests were removed from the queue by `cancel`
-            return [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
+            return [self._waiting.popleft() for _ in range(min(self.max_batch - running, len(self._waiting)))]
 
     def _end_waiting(self, reason: str) -> None:
         while self._waiting:
             self._deliver(self._waiting.popleft(), Delta("", reason))
 
-    def _decode(self, requests: list[EngineRequest]) -> None:
+    def _join(self, batch: DecodeBatch, requests: list[EngineRequest], live: dict[int, LiveRow]) -> None:
+        """Prefill `requests` into the running batch; if that fails, one by one, so only a culprit fails."""
         self.stats.batches += 1
         self.stats.rows += len(requests)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(requests))
-        if self.on_batch is not None:
-            self.on_batch(len(requests))
-        open_rows = set(range(len(requests)))
         try:
-            batch = DecodeBatch(self.loaded, [r.prompt_ids for r in requests], [r.settings for r in requests])
-            texts = [IncrementalText(self.loaded.tokenizer, r.settings.stop) for r in requests]
-            while open_rows:
-                self._drop_abandoned_rows(batch, requests, open_rows)
-                if batch.done:
-                    break
-                finished_now = []
-                for row, _token_id in batch.step():
-                    if batch.finish_reasons[row] is None:
-                        piece = texts[row].update(batch.generated[row])
-                        if piece:
-                            self._deliver(requests[row], Delta(piece))
-                    else:
-                        finished_now.append(row)
-                if finished_now:
-                    self._finish_rows(batch.results(), finished_now, requests, texts, open_rows)
-                if self._stopping:
-                    for row in list(open_rows):
-                        self._close_row(batch, requests, open_rows, row, "shutdown")
-                self._flush()
+            rows = batch.add([r.prompt_ids for r in requests], [r.settings for r in requests])
+            live.update((row, LiveRow(request)) for row, request in zip(rows, requests))
         except Exception:
-            logger.exception("decoding a batch of %d requests failed", len(requests))
-            for row in open_rows:
-                self._deliver(requests[row], Delta("", "error"))
-        finally:
-            self._flush()
+            logger.exception("prefilling %d requests failed; trying them one by one", len(requests))
+            for request in requests:
+                try:
+                    live[batch.add([request.prompt_ids], [request.settings])[0]] = LiveRow(request)
+                except Exception:
+                    logger.exception("prefilling a request of %d prompt tokens failed", len(request.prompt_ids))
+                    self._deliver(request, Delta("", "error"))
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch.active))
+        if self.on_batch is not None:
+            self.on_batch(len(batch.active))
 
-    def _drop_abandoned_rows(self, batch: DecodeBatch, requests: list[EngineRequest], open_rows: set[int]) -> None:
-        for row in [row for row in open_rows if requests[row].cancelled]:
-            self._close_row(batch, requests, open_rows, row, None)
+    def _step(self, batch: DecodeBatch, live: dict[int, LiveRow]) -> DecodeBatch:
+        """One decode step of the running batch; hands out the new text and ends the rows that finished.
+        Returns the batch to go on with (a fresh one if this one's forward pass failed)."""
+        try:
+            emitted = batch.step()
+        except Exception:
+            logger.exception("a decode step of %d requests failed", len(batch.active))
+            for row in batch.fail_all():
+                self._deliver(live.pop(row).request, Delta("", "error"))
+            return DecodeBatch(self.loaded)
+        for row, _token_id, _piece in emitted:
+            if batch.finish_reason(row) is None:
+                self._show_settled_text(batch, row, live[row])
+            else:
+                self._finish_row(batch, row, live.pop(row))
+        return batch
+
+    def _show_settled_text(self, batch: DecodeBatch, row: int, state: LiveRow) -> None:
+        text = batch.text_so_far(row)
+        if len(text) > state.shown_chars:
+            stops = [s for s in state.request.settings.stop if s]
+            settled = len(text) - stop_prefix_length(text[-max(map(len, stops), default=1):], stops)
+            if settled > state.shown_chars:
+                self._deliver(state.request, Delta(text[state.shown_chars:settled]))
+                state.shown_chars = settled
+
+    def _finish_row(self, batch: DecodeBatch, row: int, state: LiveRow) -> None:
+        generation = batch.release(row)
+        if generation.finish_reason == "error":
+            self._deliver(state.request, Delta("", "error"))
+            return
+        self.stats.completed += 1
+        self.stats.tokens_out += len(generation.token_ids)
+        self._deliver(state.request, Delta(generation.text[state.shown_chars:], generation.finish_reason,
+                                           generation.prompt_tokens, len(generation.token_ids)))
+
+    def _drop_abandoned_rows(self, batch: DecodeBatch, live: dict[int, LiveRow]) -> None:
+        for row in [row for row, state in live.items() if state.request.cancelled]:
+            batch.cancel(row)
+            batch.release(row)
+            live.pop(row).request.finished = True
             self.stats.cancelled += 1
-
-    def _close_row(self, batch: DecodeBatch, requests: list[EngineRequest], open_rows: set[int], row: int,
-                   reason: str | None) -> None:
-        batch.cancel(row)
-        open_rows.discard(row)
-        requests[row].finished = True
-        if reason is not None:
-            self._deliver(requests[row], Delta("", reason))
-
-    def _finish_rows(self, results: list[Generation], rows: list[int], requests: list[EngineRequest],
-                     texts: list[IncrementalText], open_rows: set[int]) -> None:
-        for row in rows:
-            generation = results[row]
-            open_rows.discard(row)
-            self.stats.completed += 1
-            self.stats.tokens_out += len(generation.token_ids)
-            self._deliver(requests[row], Delta(texts[row].finish(generation.text), generation.finish_reason,
-                                               generation.prompt_tokens, len(generation.token_ids)))
 
 
 def _put_all(deliveries: list[tuple[EngineRequest, Delta]]) -> None:

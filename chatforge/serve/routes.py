@@ -179,7 +179,7 @@ async def answer(request: Request, key: ApiKey, body: SamplingFields, job: Gener
     max_tokens = fit_max_tokens(body.requested_max_tokens(), prompt_tokens, backend.context_length,
                                 state.cfg.default_max_tokens, "messages" if kind == "chat" else "prompt")
     job.sampling = SamplingSettings(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                    seed=body.seed, stop=body.stop_strings())
+                                    seed=body.seed, stop=body.stop_strings(), **body.penalties())
     info.tokens_in = prompt_tokens
     wait_s = await run_in_threadpool(state.limiter.check_request, key, prompt_tokens, max_tokens)
     if wait_s is not None:

@@ -10,7 +10,7 @@ Use it like this::
 
 Requests accept what the official `openai` client sends (and `developer` as another name for `system`, a list of
 text parts as content) and refuse the rest with a message naming the field: an unknown field, a role other than
-system/user/assistant, an empty message list, n > 1, or a penalty we do not implement is a 400, never ignored.
+system/user/assistant, an empty message list, n > 1, or a penalty out of range is a 400, never ignored.
 Types are strict where JSON can blur them (`true` is not 1, `1e9` is not an integer), and text with a lone UTF-16
 surrogate (`"\ud800"`, valid JSON but not Unicode text) is a 400 naming the field.
 Responses are built as plain dicts on the hot path (a chunk per token); the models below document their shape
@@ -78,8 +78,13 @@ class SamplingFields(StrictBody):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: Text | None = Field(default=None, description="accepted for compatibility; not stored")
-    presence_penalty: StrictFloat = Field(default=0.0, description="only 0 is supported")
-    frequency_penalty: StrictFloat = Field(default=0.0, description="only 0 is supported")
+    presence_penalty: StrictFloat = Field(default=0.0, ge=-2.0, le=2.0, description="subtracted from the logit of "
+                                          "every token already in the answer (OpenAI)")
+    frequency_penalty: StrictFloat = Field(default=0.0, ge=-2.0, le=2.0, description="subtracted once per earlier "
+                                           "occurrence in the answer (OpenAI)")
+    repetition_penalty: StrictFloat = Field(default=1.0, gt=0.0, le=10.0, description="extension (transformers, "
+                                            "vLLM): logits of tokens in the prompt or answer divided by it (> 1 "
+                                            "repeats less)")
 
     @field_validator("n")
     @classmethod
@@ -87,13 +92,6 @@ class SamplingFields(StrictBody):
         if n != 1:
             raise ValueError(f"n={n} is not supported; send n=1 (or leave it out) and repeat the request for more")
         return n
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("penalties are not supported; send 0 or leave the field out")
-        return value
 
     @field_validator("stop")
     @classmethod
@@ -113,6 +111,11 @@ class SamplingFields(StrictBody):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def penalties(self) -> dict[str, float]:
+        """The penalty fields as `SamplingSettings` takes them."""
+        return {"frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
+                "repetition_penalty": self.repetition_penalty}
 
 
 class ChatCompletionRequest(SamplingFields):

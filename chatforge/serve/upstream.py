@@ -215,6 +215,13 @@ class UpstreamBackend:
             payload["stop"] = s.stop
         if s.seed is not None:
             payload["seed"] = s.seed
+        # penalties go upstream only when set, so a server without the extension (repetition_penalty) is not asked
+        if s.frequency_penalty:
+            payload["frequency_penalty"] = s.frequency_penalty
+        if s.presence_penalty:
+            payload["presence_penalty"] = s.presence_penalty
+        if s.repetition_penalty != 1.0:
+            payload["repetition_penalty"] = s.repetition_penalty
         if job.messages is not None:
             return "/chat/completions", {**payload, "messages": job.messages}
         return "/completions", {**payload, "prompt": job.prompt or ""}
