@@ -92,7 +92,7 @@ def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = prin
         manifest.add_input(run_dir / "manifest.json", role="run")
 
     with manifest.timed("load"):
-        loaded = load_run(run_dir)
+        loaded = load_run(run_dir, device=cfg.device)
     log(f"evaluating {run_dir} ({loaded.kind}) on {len(items)} {cfg.split} conversations of {data_dir}")
     run_side = score_model(loaded, items, cfg, train_cfg, manifest, "run", log)
     bias = None
@@ -112,7 +112,7 @@ def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = prin
     baseline_info: dict[str, Any] | None = None
     if baseline_spec and baseline_spec.lower() != "none":
         with manifest.timed("baseline_load"):
-            baseline = load_baseline(baseline_spec, run_tokenizer, run_template)
+            baseline = load_baseline(baseline_spec, run_tokenizer, run_template, cfg.device)
         log(f"baseline {baseline_spec} ({baseline.kind})")
         base_side = score_model(baseline, items, cfg, train_cfg, manifest, "baseline", log)
         baseline_info = {"model": str(baseline_spec), "kind": baseline.kind, "metrics": base_side["metrics"]}
@@ -247,9 +247,9 @@ def base_model_of(run_dir: Path, train_cfg: dict[str, Any]) -> str | None:
     return DEFAULT_MODEL
 
 
-def load_baseline(spec: str, run_tokenizer: Any, run_template: str) -> LoadedRun:
+def load_baseline(spec: str, run_tokenizer: Any, run_template: str, device: str = "auto") -> LoadedRun:
     """A run, or a base model prompted with the run's tokenizer and chat template (same prompts for both)."""
-    baseline = load_run(spec)
+    baseline = load_run(spec, device=device)
     if baseline.kind != "base":
         return baseline
     if run_tokenizer.get_vocab().keys() >= baseline.tokenizer.get_vocab().keys():

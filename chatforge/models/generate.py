@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from chatforge.models.run import LoadedRun, forward_step
+from chatforge.models.tokens import pad_token_id
 
 
 @dataclass
@@ -91,7 +92,7 @@ class DecodeBatch:
 
     def _prefill(self, prompts: Sequence[Sequence[int]]) -> None:
         width = max(self.prompt_lengths)
-        pad_id = _pad_id(self.loaded.tokenizer)
+        pad_id = pad_token_id(self.loaded.tokenizer)
         input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, prompt in enumerate(prompts):
@@ -199,13 +200,6 @@ def _select_cache_rows(cache: Any, index: Tensor) -> Any:
         return tuple(_select_cache_rows(member, index) for member in cache)
     cache.batch_select_indices(index)
     return cache
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def _generator(seed: int | None) -> torch.Generator:

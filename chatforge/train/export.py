@@ -56,7 +56,7 @@ def export_run(
     out.mkdir(parents=True, exist_ok=True)
     is_adapter = hasattr(model, "peft_config")
     if is_adapter and cfg.merge:
-        model = model.merge_and_unload()
+        model = model.float().merge_and_unload()  # a 16-bit stored base (train.base_storage) merges in fp32
         is_adapter = False
     if not is_adapter and getattr(model, "generation_config", None) is not None:
         # plain `generate` should stop where the chat template ends a turn, not only at eos
