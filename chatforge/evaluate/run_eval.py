@@ -33,6 +33,7 @@ from chatforge.evaluate.likelihood import masked_likelihood
 from chatforge.evaluate.metrics import text_scores
 from chatforge.manifest import Manifest
 from chatforge.models.generate import SamplingSettings, chat_prompt_ids, generate_batch
+from chatforge.models.model_card import write_model_card
 from chatforge.models.run import (
     LoadedRun,
     find_run,
@@ -133,6 +134,7 @@ def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = prin
     predictions = prediction_rows(items, run_side, base_side)
     write_jsonl(eval_dir / "predictions.jsonl", predictions)
     (eval_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True), encoding="utf-8")
+    write_model_card(run_dir)  # RUN/model/README.md now carries these metrics and the bias probe
     from chatforge.evaluate.report import write_reports
 
     _, html_path = write_reports(eval_dir, run_dir)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from chatforge.manifest import MANIFEST_NAME, Manifest
+from chatforge.models.model_card import CARD_FILE
 from chatforge.models.run import find_run, load_run, stop_token_ids
 from chatforge.models.source import cache_root
 
@@ -71,6 +72,9 @@ def _save_hf(files: Any, out_dir: Path, manifest: Manifest, device: str = "auto"
     with manifest.timed("save"):
         model.save_pretrained(out_dir)
         loaded.tokenizer.save_pretrained(out_dir)
+    card = files.run_dir / "model" / CARD_FILE
+    if card.is_file():  # the run's model card (models.model_card), not a stub from save_pretrained
+        shutil.copy2(card, out_dir / CARD_FILE)
 
 
 def export_gguf(run: Path | str, out_file: Path, quant: str = "q8_0", device: str = "auto") -> Path:

@@ -3,7 +3,7 @@
 Use it like this (as `train` does)::
 
     write_run_files(run_dir, cfg, tokenizer, base_location)       # at the start: config.yaml, chat_template.jinja
-    export_run(run_dir, model, tokenizer, cfg, base_location, manifest, final, best_val_loss)
+    export_run(run_dir, model, tokenizer, cfg, base_location, manifest, final, best_val_loss)   # + model card
 
 RUN/model holds either a peft adapter (adapter_config.json points at the base model directory) or, for full
 fine-tuning and `merge: true`, a complete model; the tokenizer with its chat template is saved beside it, so
@@ -21,6 +21,7 @@ import yaml
 
 from chatforge.config import TrainConfig
 from chatforge.manifest import Manifest, sha256_file
+from chatforge.models.model_card import write_model_card
 
 
 def base_model_fingerprint(spec: str | None, base_location: Any) -> dict[str, Any]:
@@ -84,4 +85,5 @@ def export_run(
                         "metrics": "metrics.jsonl", "tensorboard": "tb", "checkpoints": "checkpoints"}
     manifest.counts = {**final, "best_val_loss": best_val_loss}
     manifest.write(run_dir)
+    write_model_card(run_dir)  # RUN/model/README.md (replaces the stub peft's save_pretrained writes)
     return out
