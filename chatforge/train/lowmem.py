@@ -36,6 +36,7 @@ from chatforge.models.source import cache_root
 
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COPY_MARKER = "lowmem.json"
+COPY_MIN_BYTES = 256 * 2**20  # smaller checkpoints convert in-process: their fp32 pages cost little, a copy clutters
 
 
 class _UpcastLinearFunction(torch.autograd.Function):
@@ -105,15 +106,17 @@ def store_frozen_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16, kee
     return sum(p.numel() for p in model.parameters() if id(p) in stored)
 
 
-def low_precision_copy(location: Path | str, dtype: torch.dtype = torch.bfloat16) -> Path | str:
+def low_precision_copy(location: Path | str, dtype: torch.dtype = torch.bfloat16,
+                       min_bytes: int = COPY_MIN_BYTES) -> Path | str:
     """A cached copy of the HF model directory `location` with floating-point weights in `dtype` (written once by a
-    child process; see the module docstring); a hub id is returned as is (from_pretrained converts it)."""
+    child process; see the module docstring). A hub id, .bin weights or a checkpoint under COPY_MIN_BYTES are
+    returned as they are: from_pretrained converts them in-process."""
     source = Path(str(location))
     if not source.is_dir():
         return location
     weights = sorted(source.glob("*.safetensors"))
-    if not weights:
-        return location  # .bin checkpoints: from_pretrained converts them in-process
+    if sum(path.stat().st_size for path in weights) < min_bytes:
+        return location
     digest = hashlib.sha256(str(source.resolve()).encode())
     for path in weights + [source / "config.json"]:
         stat = path.stat()
