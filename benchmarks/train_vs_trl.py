@@ -6,7 +6,7 @@ Run it like this (repo root, after `make install` and `.venv/bin/pip install -c 
     .venv/bin/python benchmarks/train_vs_trl.py --steps 6              # default Gemma 3 270M, LoRA r=16, ~20 min
     .venv/bin/python benchmarks/train_vs_trl.py --only chatforge --storage fp32,bf16 --steps 20   # memory + loss curves
 
-`--storage` lists the `train.base_storage` modes to run for chatforge (default: the config's default, bf16): fp32
+`--storage` lists the `train.base_storage` modes to run for chatforge (default: the config's default): fp32
 keeps the whole model in fp32, bf16 keeps the frozen base in 16 bits and up-casts per layer (train/lowmem.py).
 With fp32 and bf16 both listed, the loss curves of the two runs (same data, seed and steps) are compared step by
 step and the largest relative difference is printed.

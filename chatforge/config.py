@@ -217,8 +217,8 @@ class TrainConfig(StrictModel):
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto = bf16 on GPUs that have it")
     device: DeviceSpec = Field(default="auto", description=f"{DEVICE_HELP}; also used by export and ensemble --soup")
-    base_storage: Literal["fp32", "bf16", "fp16"] = Field(default="bf16", description="LoRA: the frozen base's "
-                                                         "weights in 16 bits (half the memory), computed in fp32")
+    base_storage: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="LoRA: bf16/fp16 keeps the "
+                                                         "frozen base's weights in 16 bits (-0.5 GiB on Gemma 270M), computed in fp32")
     eval_every: int = Field(default=50, ge=1, description="steps between validations")
     early_stopping: EarlyStopping = EarlyStopping()
     save_every: int = Field(default=100, ge=1, description="steps between checkpoints")

@@ -110,3 +110,18 @@ def test_bf16_storage_loss_curve_within_one_percent_of_fp32_over_20_steps(
     assert len(curves["fp32"]) == 20 and curves["fp32"][-1] < curves["fp32"][0] - 0.3  # it learned
     worst = max(abs(a - b) / a for a, b in zip(curves["fp32"], curves["bf16"]))
     assert worst < 0.01, (worst, curves)
+
+
+def test_bf16_storage_merge_is_the_fp32_base_plus_the_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    dataset = prepared_dataset(tmp_path, tiny_model_dir)
+    adapter = tiny_run(dataset, tiny_model_dir, tmp_path / "lora", "lora", lr=1e-2, base_storage="bf16")
+    merged = tiny_run(dataset, tiny_model_dir, tmp_path / "merged", "lora", lr=1e-2, base_storage="bf16", merge=True)
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(adapter / "model")  # the fp32 base + the adapter
+    plain = AutoModelForCausalLM.from_pretrained(merged / "model")
+    assert plain.get_input_embeddings().weight.dtype == torch.float32
+    ids = torch.tensor([[2, 10, 11, 12]])
+    with torch.no_grad():
+        assert torch.allclose(peft_model(ids).logits, plain(ids).logits, atol=1e-4)
