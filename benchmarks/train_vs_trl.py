@@ -4,6 +4,12 @@ Run it like this (repo root, after `make install` and `.venv/bin/pip install -c 
 
     .venv/bin/python benchmarks/train_vs_trl.py --tiny                 # tiny random Llama, ~2 min
     .venv/bin/python benchmarks/train_vs_trl.py --steps 6              # default Gemma 3 270M, LoRA r=16, ~20 min
+    .venv/bin/python benchmarks/train_vs_trl.py --only chatforge --storage fp32,bf16 --steps 20   # memory + loss curves
+
+`--storage` lists the `train.base_storage` modes to run for chatforge (default: the config's default): fp32
+keeps the whole model in fp32, bf16 keeps the frozen base in 16 bits and up-casts per layer (train/lowmem.py).
+With fp32 and bf16 both listed, the loss curves of the two runs (same data, seed and steps) are compared step by
+step and the largest relative difference is printed.
 
 Each configuration runs in its own child process (so peak RSS is its own), one after the other: chatforge and TRL,
 each without and with packing. Both train answers only (TRL's `assistant_only_loss` works here because chatforge's
@@ -46,6 +52,7 @@ def body_and_head_params(model: Any) -> tuple[int, int]:
 
 
 def run_chatforge(args: argparse.Namespace) -> dict[str, Any]:
+    """One chatforge run in this process; the rates over the steps after the warm-up and every step's loss."""
     from chatforge.config import LoraSettings, TrainConfig
     from chatforge.train.loop import train
     from chatforge.train.monitor import read_metrics
@@ -54,13 +61,17 @@ def run_chatforge(args: argparse.Namespace) -> dict[str, Any]:
         cfg = TrainConfig(data=args.data, model=args.model, out=str(Path(tmp) / "run"), method="lora",
                           lora=LoraSettings(r=16, alpha=32, dropout=0.0), max_length=args.max_length,
                           packing=args.packing, batch_size=args.batch_size, max_steps=args.steps, lr=1e-4,
-                          eval_every=10**6, save_every=10**6, log_every=1, threads=args.threads, schedule="constant")
+                          eval_every=10**6, save_every=10**6, log_every=1, threads=args.threads, schedule="constant",
+                          base_storage=args.base_storage or TrainConfig().base_storage,
+                          gradient_checkpointing=args.gradient_checkpointing)
         train(cfg, log=lambda _m: None)
-        steps = [m for m in read_metrics(Path(tmp) / "run") if "train/seconds_per_step" in m][args.warmup :]
+        logged = [m for m in read_metrics(Path(tmp) / "run") if "train/seconds_per_step" in m]
+        steps = logged[args.warmup :]
     seconds = sum(m["train/seconds_per_step"] for m in steps)
     trained = sum(m["train/trained_tokens_per_s"] * m["train/seconds_per_step"] for m in steps)
     positions = sum(m["train/positions_per_s"] * m["train/seconds_per_step"] for m in steps)
-    return {"seconds": seconds, "steps": len(steps), "trained_tokens": trained, "positions": positions}
+    return {"seconds": seconds, "steps": len(steps), "trained_tokens": trained, "positions": positions,
+            "losses": [m["train/loss"] for m in logged]}
 
 
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
@@ -140,6 +151,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", choices=["chatforge", "trl"], help="run one side only")
+    parser.add_argument("--storage", default=None, help="chatforge train.base_storage modes, comma-separated "
+                        "(fp32, bf16, fp16; default: the config default)")
+    parser.add_argument("--packing-modes", default="off,on", help="which of off,on to run")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="chatforge: recompute activations")
+    parser.add_argument("--base-storage", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["chatforge", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--packing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -167,15 +183,22 @@ def main() -> None:
     peak = measure_matmul_flops(size=2048)
     print(f"model {args.model or 'gemma3-270m (default)'}: {body / 1e6:.1f}M body + {head / 1e6:.1f}M head params; "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s on {args.threads} threads; {args.steps} steps, {args.warmup} warm-up")
+    from chatforge.config import TrainConfig
+
+    storages = (args.storage or TrainConfig().base_storage).split(",")
+    packings = [mode == "on" for mode in args.packing_modes.split(",")]
+    runs = [("chatforge", storage) for storage in storages] + [("trl", None)]
     results = {}
-    for child in [args.only] if args.only else ["chatforge", "trl"]:
-        for packing in (False, True):
-            name = f"{child}{' packed' if packing else ''}"
+    for child, storage in [run for run in runs if args.only in (None, run[0])]:
+        for packing in packings:
+            name = f"{child}{f' {storage}' if storage else ''}{' packed' if packing else ''}"
             command = [sys.executable, __file__, "--child", child, "--data", data, "--steps", str(args.steps),
                        "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--max-length",
                        str(args.max_length), "--threads", str(args.threads)]
             command += ["--model", args.model] if args.model else []
             command += ["--packing"] if packing else []
+            command += ["--base-storage", storage] if storage else []
+            command += ["--gradient-checkpointing"] if args.gradient_checkpointing and child == "chatforge" else []
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
@@ -186,13 +209,22 @@ def main() -> None:
             r |= {"trained_tok_s": r["trained_tokens"] / r["seconds"], "positions_s": r["positions"] / r["seconds"],
                   "s_step": r["seconds"] / max(1, r["steps"]), "mfu": flops / r["seconds"] / peak}
             results[name] = r
-            print(f"{name:<18} trained tok/s {r['trained_tok_s']:8.1f}  positions/s {r['positions_s']:8.1f}  "
+            print(f"{name:<24} trained tok/s {r['trained_tok_s']:8.1f}  positions/s {r['positions_s']:8.1f}  "
                   f"s/step {r['s_step']:6.2f}  peak RSS {r['peak_rss_mb'] / 1024:5.2f} GiB  MFU {r['mfu']:.1%}", flush=True)
-    for ours, theirs in (("chatforge", "trl"), ("chatforge packed", "trl packed")):
-        if ours in results and theirs in results:
-            a, b = results[ours], results[theirs]
-            print(f"{ours} / {theirs}: trained tok/s x{a['trained_tok_s'] / b['trained_tok_s']:.2f}, "
-                  f"peak RSS x{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}")
+    for storage in storages:
+        for suffix in (" packed" if packing else "" for packing in packings):
+            ours, theirs = f"chatforge {storage}{suffix}", f"trl{suffix}"
+            if ours in results and theirs in results:
+                a, b = results[ours], results[theirs]
+                print(f"{ours} / {theirs}: trained tok/s x{a['trained_tok_s'] / b['trained_tok_s']:.2f}, "
+                      f"peak RSS x{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}")
+    for suffix in (" packed" if packing else "" for packing in packings):
+        reference, low = results.get(f"chatforge fp32{suffix}"), results.get(f"chatforge bf16{suffix}")
+        if reference and low:
+            worst = max(abs(a - b) / abs(a) for a, b in zip(reference["losses"], low["losses"]))
+            print(f"loss curve{suffix}, bf16 storage vs fp32 over {len(reference['losses'])} steps: largest relative "
+                  f"difference {worst:.3%}\n  fp32 {[round(x, 4) for x in reference['losses']]}\n"
+                  f"  bf16 {[round(x, 4) for x in low['losses']]}")
 
 
 if __name__ == "__main__":

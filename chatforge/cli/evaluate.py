@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from chatforge.cli.common import app, console, fail, load_project, log_line
+from chatforge.cli.common import DEVICE_OPTION_HELP, app, console, fail, load_project, log_line
 from chatforge.config import ConfigError, merge_overrides
 
 METRIC_ORDER = ["perplexity", "token_accuracy", "bleu", "rouge1", "rouge2", "rougeL", "token_f1", "exact_match",
@@ -30,6 +30,7 @@ def eval_command(
     top_p: Annotated[float | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option(help="prompts generated together")] = None,
     bias: Annotated[bool | None, typer.Option("--bias/--no-bias", help="run the counterfactual bias probe")] = None,
+    device: Annotated[str | None, typer.Option(help=DEVICE_OPTION_HELP)] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="project file (default ./chatforge.yaml)")] = None,
 ) -> None:
     """Perplexity, BLEU/ROUGE/F1, labels, a bias probe and a baseline comparison; writes RUN/eval/NAME/report.html."""
@@ -40,6 +41,7 @@ def eval_command(
             "data": data, "baseline": baseline, "name": name, "split": split, "max_examples": max_examples,
             "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
             "generation.top_p": top_p, "generation.batch_size": batch_size, "bias.enabled": bias,
+            "device": device,
         })
         report = evaluate_run(run, cfg, log=log_line)
     except (ConfigError, EvalError, FileNotFoundError, ValueError) as exc:
@@ -104,6 +106,7 @@ def rate_command(
     max_items: Annotated[int | None, typer.Option(help="rate at most this many prompts")] = None,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
+    device: Annotated[str | None, typer.Option(help=f"{DEVICE_OPTION_HELP} (default eval.device)")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="project file (default ./chatforge.yaml)")] = None,
 ) -> None:
     """Blind A/B rating by people: a page on localhost shows a prompt and both runs' answers in random order."""
@@ -116,6 +119,7 @@ def rate_command(
 
     try:
         project = load_project(config)
+        eval_cfg = merge_overrides(project.eval, {"device": device})
         db_url = db or project.serve.db
         if results:
             console.print(format_results(rating_results(db_url, run_a, run_b)), highlight=False, markup=False)
@@ -123,7 +127,7 @@ def rate_command(
         if not (run_a and run_b and data):
             fail("rate needs RUN_A RUN_B --data DATASET_DIR (or --results)")
         study = build_rating_study(run_a, run_b, data, db_url=db_url, split=split, max_items=max_items,
-                                   generation=project.eval.generation, log=log_line)
+                                   generation=project.eval.generation, log=log_line, device=eval_cfg.device)
     except (ConfigError, LookupError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     serve_rating(db_url, study.id, host=host, port=port, log=log_line)

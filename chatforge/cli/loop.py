@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from chatforge.cli.common import DEFAULT_PROJECT_FILE, app, console, fail, load_project, log_line
-from chatforge.config import ConfigError
+from chatforge.cli.common import DEFAULT_PROJECT_FILE, DEVICE_OPTION_HELP, app, console, fail, load_project, log_line
+from chatforge.config import ConfigError, merge_overrides
 
 
 @app.command()
@@ -140,6 +140,7 @@ def export_command(
     hf: Annotated[Path | None, typer.Option("--hf", help="write a Hugging Face model directory (adapter merged)")] = None,
     gguf: Annotated[Path | None, typer.Option("--gguf", help="write one GGUF file for llama.cpp / Ollama")] = None,
     quant: Annotated[str, typer.Option(help="GGUF weights: f16, q8_0 or f32")] = "q8_0",
+    device: Annotated[str | None, typer.Option(help=f"{DEVICE_OPTION_HELP} (for merging; default train.device)")] = None,
 ) -> None:
     """Export a run: a merged HF model directory (--hf) and/or a GGUF with the chat template embedded (--gguf)."""
     from chatforge.models.export import ExportError, export_gguf, export_hf
@@ -147,12 +148,13 @@ def export_command(
     if hf is None and gguf is None:
         fail("export needs --hf DIR and/or --gguf FILE")
     try:
+        device = merge_overrides(load_project(None).train, {"device": device}).device
         if hf is not None:
-            console.print(f"[bold green]HF model:[/] {escape(str(export_hf(run, hf)))}", highlight=False)
+            console.print(f"[bold green]HF model:[/] {escape(str(export_hf(run, hf, device)))}", highlight=False)
         if gguf is not None:
-            path = export_gguf(run, gguf, quant)
+            path = export_gguf(run, gguf, quant, device)
             console.print(f"[bold green]GGUF ({quant}):[/] {escape(str(path))}  ({path.stat().st_size / 2**20:.0f} MiB; "
                           f"`llama-cli -m {escape(str(path))}` or an Ollama Modelfile `FROM {escape(str(path))}`)",
                           highlight=False)
-    except (ExportError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, ExportError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from chatforge.cli.common import app, console, fail, load_project
+from chatforge.cli.common import DEVICE_OPTION_HELP, app, console, fail, load_project
 from chatforge.config import ConfigError, ServeConfig, merge_overrides
 from chatforge.serve.keys import printable
 
@@ -49,6 +49,7 @@ def serve_command(
     max_batch: Annotated[int | None, typer.Option(help="requests decoded together")] = None,
     max_queue: Annotated[int | None, typer.Option(help="waiting requests before 503")] = None,
     api_docs: Annotated[bool | None, typer.Option("--api-docs/--no-api-docs", help="serve /docs, /redoc, /openapi.json")] = None,
+    device: Annotated[str | None, typer.Option(help=f"{DEVICE_OPTION_HELP} (backend torch)")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Serve a run behind an OpenAI-compatible API with keys, rate limits, /metrics, feedback and a chat page."""
@@ -56,8 +57,12 @@ def serve_command(
         cfg = _serve_config(config, {"run": run, "host": host, "port": port, "db": db, "backend": backend,
                                      "upstream_url": upstream_url, "upstreams": upstream, "gguf": gguf,
                                      "max_batch": max_batch, "max_queue": max_queue, "api_docs": api_docs,
-                                     "quantize": quantize})
-    except ConfigError as exc:
+                                     "quantize": quantize, "device": device})
+        if cfg.backend == "torch":
+            from chatforge.device import resolve_device
+
+            resolve_device(cfg.device)  # a device this machine lacks: one line now, not a traceback at startup
+    except (ConfigError, ValueError) as exc:
         fail(str(exc))
     if not cfg.run and cfg.backend == "torch":
         fail("serve needs a run: chatforge serve RUN (or serve.run in the project file)")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from chatforge.cli.common import DEFAULT_PROJECT_FILE, app, console, fail, load_project, log_line
+from chatforge.cli.common import DEFAULT_PROJECT_FILE, DEVICE_OPTION_HELP, app, console, fail, load_project, log_line
 from chatforge.config import (
     ConfigError,
     merge_overrides,
@@ -104,6 +104,7 @@ def train_command(
     seed: Annotated[int | None, typer.Option()] = None,
     lora_r: Annotated[int | None, typer.Option(help="LoRA rank")] = None,
     merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="export the adapter merged into the base")] = None,
+    device: Annotated[str | None, typer.Option(help=DEVICE_OPTION_HELP)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint in --out")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the memory/time estimate only")] = False,
 ) -> None:
@@ -118,6 +119,7 @@ def train_command(
             "batch_size": batch_size, "grad_accum": grad_accum, "epochs": epochs, "max_steps": max_steps,
             "eval_every": eval_every, "save_every": save_every, "seed": seed, "lora.r": lora_r, "merge": merge,
             "histogram_every": histogram_every, "max_minutes": max_minutes,
+            "device": device,
         }
         cfg = merge_overrides(project.train, overrides)
         report = train(cfg, resume=resume, dry_run=dry_run, log=log_line)
@@ -170,13 +172,15 @@ def ensemble_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="directory for the combined run")],
     weights: Annotated[str | None, typer.Option(help="one weight per run, comma-separated, e.g. 0.5,0.5 (normalised)")] = None,
     soup: Annotated[bool, typer.Option("--soup", help="average the runs' weights into one model (runs must share a base)")] = False,
+    device: Annotated[str | None, typer.Option(help=f"{DEVICE_OPTION_HELP} (--soup; default train.device)")] = None,
 ) -> None:
     """Combine runs: average their next-token probabilities, or with --soup their weights, into one servable run."""
     from chatforge.train.ensemble import make_ensemble, parse_weights
 
     try:
-        out_dir = make_ensemble(runs, out, parse_weights(weights), soup=soup)
-    except (FileNotFoundError, ValueError) as exc:
+        cfg = merge_overrides(load_project(None).train, {"device": device})
+        out_dir = make_ensemble(runs, out, parse_weights(weights), soup=soup, device=cfg.device)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     kind = "model soup (one full model)" if soup else "probability ensemble"
     console.print(f"[bold green]{kind} ready:[/] {out_dir}  ({len(runs)} runs; evaluate or serve it like any run)")

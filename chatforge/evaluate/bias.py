@@ -49,6 +49,7 @@ from chatforge.models.generate import (
     generate_batch,
 )
 from chatforge.models.run import LoadedRun, forward_step
+from chatforge.models.tokens import pad_token_id
 from chatforge.train.batches import IGNORE, tokenize_conversation
 
 BUNDLED_TEMPLATES = "resources/bias_templates.yaml"
@@ -277,7 +278,7 @@ def _vocab_size(loaded: LoadedRun) -> int:
 def _batch_logliks(loaded: LoadedRun, rows: list[tuple[list[int], list[int]]], keep: int) -> list[float]:
     """One left-padded forward; the logits of the last `keep` columns cover every row's answer predictions."""
     width = max(len(ids) for ids, _ in rows)
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(loaded.tokenizer)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for row, (ids, _) in enumerate(rows):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from chatforge.models.run import LoadedRun, forward_step
+from chatforge.models.tokens import pad_token_id
 from chatforge.train.batches import IGNORE, Example, collate
 
 
@@ -35,7 +36,7 @@ class Likelihood:
 
 def masked_likelihood(loaded: LoadedRun, examples: Sequence[Example], batch_size: int = 8) -> Likelihood:
     """Score `examples` (from `tokenize_records`); see the module docstring."""
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(loaded.tokenizer)
     scorer = _ensemble_scores if loaded.kind == "ensemble" else _plain_scores
     if loaded.kind == "ensemble":
         batch_size = 1  # full [length, vocab] log-probs per member: one conversation at a time

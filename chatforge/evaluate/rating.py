@@ -68,8 +68,9 @@ def study_key(run: str | Path) -> str:
     return str(path.resolve()) if path.exists() else str(run)
 
 
-def generate_answers(run: str, prompts: list[list[dict[str, str]]], generation: GenerationConfig) -> list[str]:
-    """`run`'s answer to every prompt (on the GPU when there is one), decoded as `generation` says."""
+def generate_answers(run: str, prompts: list[list[dict[str, str]]], generation: GenerationConfig,
+                     device: str = "auto") -> list[str]:
+    """`run`'s answer to every prompt (on `device`; auto = the GPU when there is one), decoded as `generation` says."""
     import torch
 
     from chatforge.models.generate import (
@@ -79,7 +80,7 @@ def generate_answers(run: str, prompts: list[list[dict[str, str]]], generation: 
     )
     from chatforge.models.run import load_run
 
-    loaded = load_run(run, device="cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_run(run, device=device)
     prompt_ids = [chat_prompt_ids(loaded.tokenizer, prompt) for prompt in prompts]
     settings = [SamplingSettings(max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
                                  top_p=generation.top_p, seed=generation.seed + index) for index in range(len(prompts))]
@@ -99,6 +100,7 @@ def build_rating_study(
     max_items: int | None = None,
     generation: GenerationConfig | None = None,
     log: Log = lambda _msg: None,
+    device: str = "auto",
 ) -> RatingStudy:
     """The study of run A vs run B on DATA/SPLIT.jsonl, with both runs' answers stored (see the module docstring).
 
@@ -120,9 +122,9 @@ def build_rating_study(
         log(f"rating study {study.id}: {len(prompts) - len(missing)} of {len(prompts)} items stored already")
         if missing:
             log(f"answering {len(missing)} prompts with run A ({key_a})")
-            answers_a = generate_answers(str(run_a), [prompt for _, prompt in missing], generation)
+            answers_a = generate_answers(str(run_a), [prompt for _, prompt in missing], generation, device)
             log(f"answering {len(missing)} prompts with run B ({key_b})")
-            answers_b = generate_answers(str(run_b), [prompt for _, prompt in missing], generation)
+            answers_b = generate_answers(str(run_b), [prompt for _, prompt in missing], generation, device)
             store.add_items(study.id, [(record_id, prompt, a, b)
                                        for (record_id, prompt), a, b in zip(missing, answers_a, answers_b)])
         return store.study(study.id)

@@ -34,6 +34,7 @@ from chatforge.evaluate.likelihood import masked_likelihood
 from chatforge.evaluate.metrics import text_scores
 from chatforge.manifest import Manifest
 from chatforge.models.generate import SamplingSettings, chat_prompt_ids, generate_batch
+from chatforge.models.model_card import write_model_card
 from chatforge.models.run import (
     LoadedRun,
     find_run,
@@ -93,7 +94,7 @@ def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = prin
         manifest.add_input(run_dir / "manifest.json", role="run")
 
     with manifest.timed("load"):
-        loaded = load_run(run_dir)
+        loaded = load_run(run_dir, device=cfg.device)
     log(f"evaluating {run_dir} ({loaded.kind}) on {len(items)} {cfg.split} conversations of {data_dir}")
     run_side = score_model(loaded, items, cfg, train_cfg, manifest, "run", log)
     bias = None
@@ -114,7 +115,7 @@ def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = prin
     baseline_info: dict[str, Any] | None = None
     if baseline_spec and baseline_spec.lower() != "none":
         with manifest.timed("baseline_load"):
-            baseline = load_baseline(baseline_spec, run_tokenizer, run_template)
+            baseline = load_baseline(baseline_spec, run_tokenizer, run_template, cfg.device)
         log(f"baseline {baseline_spec} ({baseline.kind})")
         base_side = score_model(baseline, items, cfg, train_cfg, manifest, "baseline", log)
         baseline_info = {"model": str(baseline_spec), "kind": baseline.kind, "metrics": base_side["metrics"]}
@@ -142,6 +143,7 @@ def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = prin
     predictions = prediction_rows(items, run_side, base_side)
     write_jsonl(eval_dir / "predictions.jsonl", predictions)
     (eval_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True), encoding="utf-8")
+    write_model_card(run_dir)  # RUN/model/README.md now carries these metrics and the bias probe
     from chatforge.evaluate.report import write_reports
 
     _, html_path = write_reports(eval_dir, run_dir)
@@ -272,9 +274,9 @@ def base_model_of(run_dir: Path, train_cfg: dict[str, Any]) -> str | None:
     return DEFAULT_MODEL
 
 
-def load_baseline(spec: str, run_tokenizer: Any, run_template: str) -> LoadedRun:
+def load_baseline(spec: str, run_tokenizer: Any, run_template: str, device: str = "auto") -> LoadedRun:
     """A run, or a base model prompted with the run's tokenizer and chat template (same prompts for both)."""
-    baseline = load_run(spec)
+    baseline = load_run(spec, device=device)
     if baseline.kind != "base":
         return baseline
     if run_tokenizer.get_vocab().keys() >= baseline.tokenizer.get_vocab().keys():

@@ -18,11 +18,14 @@ so `chatforge lineage RUN` lists it.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from chatforge.manifest import MANIFEST_NAME, Manifest, sha256_file
 from chatforge.models.llamacpp_build import (
@@ -31,6 +34,7 @@ from chatforge.models.llamacpp_build import (
     extract_vendored,
     llama_cpp_root,
 )
+from chatforge.models.model_card import CARD_FILE
 from chatforge.models.run import find_run, load_run, stop_token_ids
 from chatforge.models.source import cache_root
 
@@ -41,11 +45,12 @@ class ExportError(ValueError):
     """The run cannot be exported as asked (not a run, an ensemble to GGUF, a failed conversion)."""
 
 
-def export_hf(run: Path | str, out_dir: Path) -> Path:
-    """Save the run's model (adapter merged) + tokenizer with its chat template under out_dir; return out_dir."""
+def export_hf(run: Path | str, out_dir: Path, device: str = "auto") -> Path:
+    """Save the run's model (adapter merged on `device`) + tokenizer with its chat template and the model card
+    (README.md) under out_dir; return out_dir."""
     files = _single_model_run(run)
     manifest = Manifest.start("export", config={"format": "hf", "run": str(files.run_dir.resolve())})
-    _save_hf(files, out_dir, manifest)
+    _save_hf(files, out_dir, manifest, device)
     manifest.extra["format"] = "hf"
     manifest.outputs = {"model": str(out_dir.resolve())}
     _record(manifest, files.run_dir, out_dir)
@@ -61,11 +66,11 @@ def _single_model_run(run: Path | str) -> Any:
     return files
 
 
-def _save_hf(files: Any, out_dir: Path, manifest: Manifest) -> None:
+def _save_hf(files: Any, out_dir: Path, manifest: Manifest, device: str = "auto") -> None:
     if (files.run_dir / MANIFEST_NAME).is_file():
         manifest.add_input(files.run_dir / MANIFEST_NAME, role="run")
     with manifest.timed("load_merge"):
-        loaded = load_run(files.run_dir)
+        loaded = load_run(files.run_dir, dtype=torch.float32, device=device)  # fp32: the export loses nothing
     model = loaded.model
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.eos_token_id = stop_token_ids(loaded.tokenizer)
@@ -73,9 +78,12 @@ def _save_hf(files: Any, out_dir: Path, manifest: Manifest) -> None:
     with manifest.timed("save"):
         model.save_pretrained(out_dir)
         loaded.tokenizer.save_pretrained(out_dir)
+    card = files.run_dir / "model" / CARD_FILE
+    if card.is_file():  # the run's model card (models.model_card), not a stub from save_pretrained
+        shutil.copy2(card, out_dir / CARD_FILE)
 
 
-def export_gguf(run: Path | str, out_file: Path, quant: str = "q8_0") -> Path:
+def export_gguf(run: Path | str, out_file: Path, quant: str = "q8_0", device: str = "auto") -> Path:
     """Convert the run to one GGUF file (see the module docstring); return its path."""
     if quant not in GGUF_QUANTS:
         raise ExportError(f"--quant {quant}: choose one of {', '.join(GGUF_QUANTS)}")
@@ -86,7 +94,7 @@ def export_gguf(run: Path | str, out_file: Path, quant: str = "q8_0") -> Path:
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="chatforge-export-") as tmp:
         hf_dir = Path(tmp) / "hf"
-        _save_hf(files, hf_dir, manifest)
+        _save_hf(files, hf_dir, manifest, device)
         with manifest.timed("convert"):
             result = subprocess.run(
                 [sys.executable, str(converter), str(hf_dir), "--outfile", str(out_file), "--outtype", quant],

@@ -38,6 +38,7 @@ from chatforge.models.detokenize import TextDecoder
 from chatforge.models.kv_rows import merge_rows, select_rows, trim_left
 from chatforge.models.run import LoadedRun, forward_step
 from chatforge.models.sampling import PenaltyState, SamplingSettings, choose_tokens, new_generator
+from chatforge.models.tokens import pad_token_id
 
 __all__ = ["DecodeBatch", "Generation", "SamplingSettings", "chat_prompt_ids", "context_length", "generate_batch"]
 
@@ -196,7 +197,7 @@ class DecodeBatch:
 
     def _prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[Tensor, Any, Tensor]:
         width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), _pad_id(self.loaded.tokenizer), dtype=torch.long)
+        input_ids = torch.full((len(prompts), width), pad_token_id(self.loaded.tokenizer), dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, prompt in enumerate(prompts):
             input_ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
@@ -278,11 +279,6 @@ def _left_pad_mask(mask: Tensor, width: int) -> Tensor:
     return mask if missing <= 0 else torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def generate_batch(

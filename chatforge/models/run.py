@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from chatforge.device import attention_kwargs, inference_dtype, resolve_device
 from chatforge.manifest import MANIFEST_NAME
 from chatforge.models.source import load_tokenizer, model_dir
 from chatforge.models.templates import end_of_turn_token, ensure_chat_template
@@ -110,15 +111,19 @@ def _is_run_model_dir(directory: Path) -> bool:
 
 def load_run(
     path: Path | str,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "auto",
     merge_adapter: bool = True,
 ) -> LoadedRun:
-    """Load a run, an ensemble or a base model (see the module docstring); the model is in eval mode on `device`.
+    """Load a run, an ensemble or a base model (see the module docstring); the model is in eval mode on `device`
+    ("auto", "cpu", "cuda:N", ... as chatforge.device resolves it) in `dtype` (None = the device's inference dtype:
+    bf16 on GPUs that have it, fp32 on the CPU).
 
     Raises FileNotFoundError for a path that is neither a run nor a model, or a run whose base or members are
     gone, and ValueError for a spec that names no model.
     """
+    device = resolve_device(device)
+    dtype = dtype or inference_dtype(device)
     files = find_run(path)
     if files is None:
         model, tokenizer = _load_base(path, dtype)
@@ -178,11 +183,22 @@ def adapter_base(adapter_dir: Path) -> str:
 
 
 def _load_causal_lm(location: Path | str, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype)
+    model = load_causal_lm(location, dtype)
     model.config.use_cache = True  # training saves use_cache=False; decoding wants the KV cache
     return model
+
+
+def load_causal_lm(location: Path | str, dtype: torch.dtype) -> nn.Module:
+    """AutoModelForCausalLM from an HF directory or hub id in `dtype`, with SDPA attention where the architecture
+    has it (the one loader of train, eval and serve)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, **attention_kwargs())
+    except ValueError as exc:  # an architecture without SDPA: its default attention
+        if "attn_implementation" not in str(exc) and "sdpa" not in str(exc).lower():
+            raise
+        return AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype)
 
 
 def _fit_embeddings(model: nn.Module, tokenizer: Any) -> None:

@@ -116,7 +116,7 @@ def make_backend(cfg: ServeConfig) -> Backend:
 
 
 class TorchBackend:
-    """The in-process engine on the first CUDA GPU when there is one, else the CPU (fp32 either way).
+    """The in-process engine on `cfg.device` (auto: the first CUDA GPU when there is one, in bf16; else the CPU, fp32).
 
     Pass `loaded` to serve a model already in memory (tests share one this way).
     """
@@ -135,10 +135,7 @@ class TorchBackend:
 
     async def start(self) -> None:
         if self.loaded is None:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.loaded = await asyncio.to_thread(load_run, self.run, device=device)
+            self.loaded = await asyncio.to_thread(load_run, self.run, device=self.cfg.device)
             self.context_length = context_length(self.loaded)
             if self.cfg.quantize == "int8":
                 self.loaded = await asyncio.to_thread(quantize_int8, self.loaded)

@@ -66,7 +66,8 @@ def normalise_weights(weights: list[float] | None, count: int) -> list[float]:
     return [w / total for w in weights]
 
 
-def make_ensemble(runs: list[Path], out: Path, weights: list[float] | None = None, soup: bool = False) -> Path:
+def make_ensemble(runs: list[Path], out: Path, weights: list[float] | None = None, soup: bool = False,
+                  device: str = "auto") -> Path:
     """Combine `runs` into the run directory `out` (see the module docstring) and return `out`.
 
     Raises EnsembleError (a ValueError) when the runs cannot be combined and FileNotFoundError for a missing run.
@@ -87,7 +88,7 @@ def make_ensemble(runs: list[Path], out: Path, weights: list[float] | None = Non
 
     if soup:
         with manifest.timed("average_weights"):
-            model = average_weights(members, shares)  # before anything is written: a mismatch leaves no half run
+            model = average_weights(members, shares, device)  # before anything is written: a mismatch leaves no half run
     out.mkdir(parents=True, exist_ok=True)
     (out / TEMPLATE_FILE).write_text(tokenizer.chat_template, encoding="utf-8")
     if soup:
@@ -173,18 +174,18 @@ def _describe_base(base: dict[str, Any]) -> str:
     return str(base.get("path") or base.get("id") or base)
 
 
-def average_weights(members: list[RunFiles], shares: list[float]) -> torch.nn.Module:
+def average_weights(members: list[RunFiles], shares: list[float], device: str = "auto") -> torch.nn.Module:
     """One model whose every parameter is sum_i share_i * member_i's (adapters merged first), in float32.
 
     Members are loaded one at a time: memory holds the running average and one member.
     """
-    soup = load_run(members[0].run_dir, dtype=torch.float32).model  # type: ignore[arg-type]
+    soup = load_run(members[0].run_dir, dtype=torch.float32, device=device).model  # type: ignore[arg-type]
     averaged = dict(soup.named_parameters())  # shared (tied) tensors appear once, so none is scaled twice
     with torch.no_grad():
         for parameter in averaged.values():
             parameter.mul_(shares[0])
         for files, share in zip(members[1:], shares[1:]):
-            member = load_run(files.run_dir, dtype=torch.float32).model  # type: ignore[arg-type]
+            member = load_run(files.run_dir, dtype=torch.float32, device=device).model  # type: ignore[arg-type]
             parameters = dict(member.named_parameters())
             if parameters.keys() != averaged.keys():
                 missing = sorted(parameters.keys() ^ averaged.keys())[:3]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from chatforge.config import TrainConfig
+from chatforge.device import resolve_device, training_dtype
 from chatforge.train.batches import Example
 from chatforge.train.model import causal_lm_of, count_parameters, loss_chunk_rows
 
@@ -30,12 +31,12 @@ def measure_matmul_flops(size: int = 1024, repeats: int = 4, device: str = "cpu"
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
-    if device != "cpu":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    if device != "cpu":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - t0)
 
@@ -53,8 +54,8 @@ def estimate_run(
     trained = sum(step_tokens)
     backward_passes = 2 if cfg.method == "full" else 1
     flops = 2 * (1 + backward_passes) * (body_params * positions + head_params * trained)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    peak = measure_matmul_flops(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    device = resolve_device(cfg.device)
+    peak = measure_matmul_flops(device=str(device), dtype=training_dtype(device))
     seconds = flops / (peak * EFFICIENCY * world)
     widest = max((sum(len(examples[i].input_ids) for i in row) for batch in micro_batches[:200] for row in batch), default=0)
     config = causal_lm_of(model).config

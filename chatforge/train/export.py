@@ -3,7 +3,7 @@
 Use it like this (as `train` does)::
 
     write_run_files(run_dir, cfg, tokenizer, base_location)       # at the start: config.yaml, chat_template.jinja
-    export_run(run_dir, model, tokenizer, cfg, base_location, manifest, final, best_val_loss)
+    export_run(run_dir, model, tokenizer, cfg, base_location, manifest, final, best_val_loss)   # + model card
 
 RUN/model holds either a peft adapter (adapter_config.json points at the base model directory) or, for full
 fine-tuning and `merge: true`, a complete model; the tokenizer with its chat template is saved beside it, so
@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from chatforge.config import TrainConfig
 from chatforge.manifest import Manifest, sha256_file
+from chatforge.models.model_card import write_model_card
+from chatforge.train.model import load_base_model
 
 
 def base_model_fingerprint(spec: str | None, base_location: Any) -> dict[str, Any]:
@@ -47,6 +51,19 @@ def write_run_files(run_dir: Path, cfg: TrainConfig, tokenizer: Any, base_locati
     (run_dir / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
 
 
+def merge_into_fp32_base(model: Any, base_location: Any, tokenizer: Any) -> Any:
+    """The trained adapter merged into the original fp32 base (not the 16-bit copy it trained on, train.lowmem), so
+    the merged model computes exactly what the base + adapter loaded with peft compute."""
+    from peft import PeftModel  # the train extra
+
+    base = load_base_model(base_location, torch.float32)
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer))
+    with tempfile.TemporaryDirectory(prefix="chatforge-merge-") as adapter_dir:
+        model.save_pretrained(adapter_dir)
+        return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
 def export_run(
     run_dir: Path, model: Any, tokenizer: Any, cfg: TrainConfig, base_location: Any, manifest: Manifest,
     final: dict[str, Any], best_val_loss: float | None,
@@ -56,7 +73,7 @@ def export_run(
     out.mkdir(parents=True, exist_ok=True)
     is_adapter = hasattr(model, "peft_config")
     if is_adapter and cfg.merge:
-        model = model.merge_and_unload()
+        model = merge_into_fp32_base(model, base_location, tokenizer) if cfg.base_storage != "fp32" else model.merge_and_unload()
         is_adapter = False
     if not is_adapter and getattr(model, "generation_config", None) is not None:
         # plain `generate` should stop where the chat template ends a turn, not only at eos
@@ -84,4 +101,5 @@ def export_run(
                         "metrics": "metrics.jsonl", "tensorboard": "tb", "checkpoints": "checkpoints"}
     manifest.counts = {**final, "best_val_loss": best_val_loss}
     manifest.write(run_dir)
+    write_model_card(run_dir)  # RUN/model/README.md (replaces the stub peft's save_pretrained writes)
     return out

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 
 from chatforge.config import TrainConfig
+from chatforge.device import resolve_device, training_dtype
 from chatforge.manifest import Manifest
+from chatforge.models.tokens import pad_token_id
 from chatforge.train.batches import (
     Example,
     collate,
@@ -147,7 +149,7 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
     from chatforge.train.estimate import estimate_run
     from chatforge.train.export import export_run, write_run_files
     from chatforge.models.templates import template_token_ids
-    from chatforge.train.model import CausalLMLoss, apply_lora, load_base_model
+    from chatforge.train.model import CausalLMLoss, apply_lora, load_training_model
 
     if not cfg.data or not cfg.out:
         raise TrainError("train needs a dataset (--data or train.data) and a run directory (--out or train.out)")
@@ -156,15 +158,18 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
         raise TrainError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available())
+    device = resolve_device(cfg.device)  # the one device policy (chatforge.device)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and training_dtype(device) == torch.bfloat16)
+    if device.type == "cuda" and ":" in cfg.device:  # cuda:N asked for; "auto"/"cuda" leave it to accelerate (one GPU per rank under torchrun)
+        torch.cuda.set_device(device)
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=device.type == "cpu")
     is_main = accelerator.is_main_process
     say = log if is_main else (lambda _msg: None)
     torch.manual_seed(cfg.seed)
     manifest = Manifest.start("train", config=cfg.model_dump(mode="json"))
 
     tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     train_records = read_split(data_dir, "train", cfg.max_train_examples)
     train_examples = tokenize_records(train_records, tokenizer, cfg.train_on, cfg.max_length)
     val_examples = tokenize_records(read_split(data_dir, "val", cfg.max_val_examples), tokenizer, cfg.train_on, cfg.max_length)
@@ -179,7 +184,7 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
     base_location = model_dir(cfg.model)
     say(f"base model {base_location}; {len(train_examples)} train / {len(val_examples)} val examples; {total_steps} steps")
 
-    model = load_base_model(base_location, torch.float32)
+    model = load_training_model(base_location, cfg, tokenizer)  # base_storage: the frozen base in 16 bits
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     if cfg.gradient_checkpointing:

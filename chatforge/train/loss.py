@@ -41,7 +41,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
-            raw = (h @ weight.T).float()
+            raw = _head_logits(h, weight).float()
             if softcap:
                 capped = torch.tanh(raw / softcap)
                 logits = capped * softcap
@@ -55,9 +55,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 if softcap:
                     grad_logits *= 1.0 - capped * capped  # d(cap * tanh(x / cap)) / dx
-                grad_logits = grad_logits.to(weight.dtype)
+                grad_logits = grad_logits.to(_compute_dtype(hidden, weight))
                 if grad_hidden is not None:
-                    grad_hidden[start : start + chunk_size] = grad_logits @ weight
+                    grad_hidden[start : start + chunk_size] = _head_input_grad(grad_logits, weight)
                 if grad_weight is not None:
                     grad_weight += (grad_logits.T @ h).float()
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
@@ -73,6 +73,34 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = next(saved) * grad_loss if has_hidden else None
         grad_weight = (next(saved) * grad_loss).to(ctx.weight_dtype) if has_weight else None
         return grad_hidden, grad_weight, None, None, None
+
+
+UPCAST_ROWS = 32768  # vocabulary rows of a 16-bit LM head up-cast at a time (~80 MB fp32 for a 640-wide head)
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The matmul dtype: the hidden states' (fp32 on the CPU) when the head is stored in fewer bits (train.lowmem)."""
+    return hidden.dtype if weight.element_size() < hidden.element_size() else weight.dtype
+
+
+def _head_logits(h: Tensor, weight: Tensor) -> Tensor:
+    """h @ weight.T, up-casting a 16-bit stored head a slice of rows at a time (never a full fp32 copy)."""
+    if weight.dtype == h.dtype or _compute_dtype(h, weight) == weight.dtype:
+        return h @ weight.T
+    logits = torch.empty((h.shape[0], weight.shape[0]), dtype=h.dtype, device=h.device)
+    for start in range(0, weight.shape[0], UPCAST_ROWS):
+        logits[:, start : start + UPCAST_ROWS] = h @ weight[start : start + UPCAST_ROWS].to(h.dtype).T
+    return logits
+
+
+def _head_input_grad(grad_logits: Tensor, weight: Tensor) -> Tensor:
+    """grad_logits @ weight, up-casting a 16-bit stored head a slice of rows at a time."""
+    if weight.dtype == grad_logits.dtype:
+        return grad_logits @ weight
+    grad = torch.zeros((grad_logits.shape[0], weight.shape[1]), dtype=grad_logits.dtype, device=grad_logits.device)
+    for start in range(0, weight.shape[0], UPCAST_ROWS):
+        grad += grad_logits[:, start : start + UPCAST_ROWS] @ weight[start : start + UPCAST_ROWS].to(grad_logits.dtype)
+    return grad
 
 
 def chunked_lm_loss(

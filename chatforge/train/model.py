@@ -2,7 +2,7 @@
 
 Use it like this::
 
-    model = load_base_model("path/to/hf-dir", torch.float32)
+    model = load_training_model("path/to/hf-dir", cfg, tokenizer)   # base_storage bf16: frozen base in 16 bits
     model = apply_lora(model, LoraSettings(r=16))            # or leave it for full fine-tuning
     loss_model = CausalLMLoss(model, chunk_size=512)
     loss_sum, n_tokens, n_correct = loss_model(**batch)      # batch from batches.collate
@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from chatforge.config import LoraSettings
+from chatforge.config import LoraSettings, TrainConfig
+from chatforge.models.run import load_causal_lm
 from chatforge.train.batches import IGNORE
 from chatforge.train.loss import chunked_lm_loss
+from chatforge.train.lowmem import STORAGE_DTYPES, low_precision_copy, store_frozen_base
 
 LOGITS_BUDGET = 32 * 1024 * 1024  # fp32 logits per LM-head chunk (x4 bytes); see CausalLMLoss
 
@@ -33,10 +35,20 @@ LORA_TARGET_FAMILIES = (
 
 def load_base_model(location: Any, dtype: torch.dtype) -> Any:
     """AutoModelForCausalLM from an HF directory or hub id, in `dtype`, with the KV cache off (training)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype)
+    model = load_causal_lm(location, dtype)
     model.config.use_cache = False
+    return model
+
+
+def load_training_model(location: Any, cfg: TrainConfig, tokenizer: Any) -> Any:
+    """The base model as `cfg` trains it, embeddings grown to `tokenizer`: for LoRA with `base_storage` bf16/fp16
+    the frozen base is kept in 16 bits and computes in fp32 (train.lowmem), else everything is fp32."""
+    storage = STORAGE_DTYPES.get(cfg.base_storage) if cfg.method == "lora" else None
+    model = load_base_model(low_precision_copy(location, storage) if storage else location, storage or torch.float32)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if storage:
+        store_frozen_base(model, storage, keep_embeddings_fp32=cfg.lora.train_template_tokens)
     return model
 
 

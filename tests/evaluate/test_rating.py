@@ -137,8 +137,8 @@ def test_building_again_reuses_stored_items_and_answers_only_new_prompts(
     answered: list[tuple[str, int]] = []
     generate = rating.generate_answers
     monkeypatch.setattr(rating, "generate_answers",
-                        lambda run, prompts, generation: answered.append((run, len(prompts))) or generate(
-                            run, prompts, generation))
+                        lambda run, prompts, generation, *device: answered.append((run, len(prompts))) or generate(
+                            run, prompts, generation, *device))
     grown = build_rating_study(two_runs["a"], two_runs["b"], two_runs["data"], db_url, max_items=3,
                                generation=GENERATION)
     assert answered == [(str(two_runs["a"]), 2), (str(two_runs["b"]), 2)]
