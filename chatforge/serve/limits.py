@@ -35,7 +35,8 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from chatforge.serve.engine import ServeUnavailable
-from chatforge.serve.store import RateEventRow, Store
+from chatforge.serve.store import Store
+from chatforge.serve.store_schema import RateEventRow
 
 WINDOW_S = 60.0
 log = logging.getLogger("chatforge.serve.limits")
