@@ -144,9 +144,9 @@ def inspect(
     """Show one conversation as the model sees it, trained tokens highlighted: check your loss mask."""
     from rich.text import Text
 
-    from chatforge.data.records import read_jsonl
+    from chatforge.core.records import read_jsonl
     from chatforge.models.source import load_tokenizer
-    from chatforge.train.batches import IGNORE, tokenize_conversation
+    from chatforge.core.examples import IGNORE, tokenize_conversation
 
     path = dataset / f"{split}.jsonl" if dataset.is_dir() else dataset
     try:

@@ -32,7 +32,7 @@ from functools import cache
 from importlib import resources
 
 from chatforge.config import AugmentConfig
-from chatforge.data.records import Record
+from chatforge.core.records import Record
 
 MAX_ATTEMPTS = 20  # draws per copy before an unchanged copy is accepted
 SYNONYM_FILE = "resources/synonyms.txt"

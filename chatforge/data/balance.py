@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from chatforge.config import BalanceConfig
-from chatforge.data.records import Record
+from chatforge.core.records import Record
 
 NO_CATEGORY = "(none)"
 MODES = ("cap", "upsample")

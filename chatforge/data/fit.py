@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from chatforge.config import FitConfig
-from chatforge.data.records import Message, Record
+from chatforge.core.records import Message, Record
 from chatforge.models.templates import ensure_chat_template
 
 MIN_ANSWER_TOKENS = 8

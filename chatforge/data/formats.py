@@ -27,7 +27,7 @@ import yaml
 
 from chatforge.config import FormatOptions
 from chatforge.data.items import InputError, Item, Rejection, json_object_format, record_from_object
-from chatforge.data.records import Message, make_record
+from chatforge.core.records import Message, make_record
 from chatforge.data.tables import read_parquet, read_table
 
 FORMATS = ("openai", "sharegpt", "alpaca", "csv", "tsv", "chatterbot", "transcript", "parquet")

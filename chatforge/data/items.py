@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from chatforge.data.records import Message, Record, make_record
+from chatforge.core.records import Message, Record, make_record
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "system": "system"}

@@ -26,8 +26,8 @@ from typing import Any
 from chatforge.config import CleanConfig, PiiConfig, PrepareConfig
 from chatforge.data.formats import KNOWN_SUFFIXES, InputError, Rejection, detect_format, read_file
 from chatforge.data.outputs import staged_output
-from chatforge.data.pii import Redactor
-from chatforge.data.records import Record, write_jsonl
+from chatforge.core.pii import Redactor
+from chatforge.core.records import Record, write_jsonl
 from chatforge.data.scrub import Scrubber
 from chatforge.data.validate import check_record, size_problem, validate_messages
 from chatforge.manifest import Manifest

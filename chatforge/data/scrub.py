@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from chatforge.data.formats import MAX_JSON_DEPTH
-from chatforge.data.pii import Redactor
+from chatforge.core.pii import Redactor
 
 Log = Callable[[str], None]
 

@@ -21,7 +21,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from chatforge.config import SplitConfig
-from chatforge.data.records import Record
+from chatforge.core.records import Record
 
 _NO_CATEGORY = object()  # the stratum of groups without the field (when no record has it, every group is in it)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from chatforge.config import AugmentConfig, BalanceConfig, DedupConfig, FitConfig, SplitConfig
-from chatforge.data.records import Record
+from chatforge.core.records import Record
 
 
 def dedup_text(record: Record) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 from chatforge.config import FormatOptions
 from chatforge.data.items import InputError, Item, Rejection, json_object_format, pick_column, record_from_object
-from chatforge.data.records import make_record
+from chatforge.core.records import make_record
 
 PARQUET_RECORD_COLUMNS = ("messages", "conversations", "meta", "weight", "system", "instruction", "input", "output")
 

@@ -18,7 +18,7 @@ import json
 from typing import Any
 
 from chatforge.config import ValidateConfig
-from chatforge.data.records import ROLES, Record
+from chatforge.core.records import ROLES, Record
 
 TRIMMABLE_ROLES = ("user", "system")  # a trailing turn with an unknown role is an error to report, not to trim
 NO_ASSISTANT_LAST = "conversation does not end with an assistant message"

@@ -50,7 +50,7 @@ from chatforge.models.generate import (
 )
 from chatforge.models.run import LoadedRun, forward_step
 from chatforge.models.tokens import pad_token_id
-from chatforge.train.batches import IGNORE, tokenize_conversation
+from chatforge.core.examples import IGNORE, tokenize_conversation
 
 BUNDLED_TEMPLATES = "resources/bias_templates.yaml"
 SENTIMENT_LEXICON = "resources/sentiment_lexicon.txt"

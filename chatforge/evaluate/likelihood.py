@@ -22,7 +22,8 @@ import torch
 
 from chatforge.models.run import LoadedRun, forward_step
 from chatforge.models.tokens import pad_token_id
-from chatforge.train.batches import IGNORE, Example, collate
+from chatforge.core.examples import IGNORE, Example, collate
+from chatforge.core.loss import CausalLMLoss
 
 
 @dataclass
@@ -65,24 +66,8 @@ def masked_likelihood(loaded: LoadedRun, examples: Sequence[Example], batch_size
 
 
 def _plain_scores(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> list[tuple[float, int, int]]:
-    """(loss sum, trained tokens, argmax hits) per row: one batched decoder pass, then the training loss's chunked
-    LM head row by row (right padding: a row's trained positions never see its padding)."""
-    from chatforge.train.loss import chunked_lm_loss
-    from chatforge.train.model import causal_lm_of, lm_head_weight, loss_chunk_rows
-
-    causal = causal_lm_of(model)
-    head = lm_head_weight(causal)
-    softcap = getattr(causal.config, "final_logit_softcapping", None)
-    chunk = loss_chunk_rows(head.shape[0], None)
-    hidden = causal.get_decoder()(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
-                                  use_cache=False).last_hidden_state
-    targets = tensors["labels"][:, 1:]
-    rows = []
-    for row in range(hidden.shape[0]):
-        trained = targets[row] != IGNORE
-        loss_sum, correct = chunked_lm_loss(hidden[row, :-1][trained], head, targets[row][trained], chunk, softcap)
-        rows.append((float(loss_sum), int(trained.sum()), int(correct)))
-    return rows
+    """(loss sum, trained tokens, argmax hits) per row, through training's own loss object."""
+    return CausalLMLoss(model).per_row(tensors["input_ids"], tensors["labels"], tensors["attention_mask"])
 
 
 def _ensemble_scores(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> list[tuple[float, int, int]]:

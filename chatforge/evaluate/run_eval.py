@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from chatforge.config import EvalConfig, GenerationConfig
-from chatforge.data.records import read_jsonl, write_jsonl
+from chatforge.core.records import read_jsonl, write_jsonl
 from chatforge.evaluate.labels import label_metrics
 from chatforge.evaluate.likelihood import masked_likelihood
 from chatforge.evaluate.metrics import text_scores
@@ -42,7 +42,7 @@ from chatforge.models.run import (
     read_ensemble_spec,
     stop_token_ids,
 )
-from chatforge.train.batches import tokenize_records
+from chatforge.core.examples import tokenize_records
 
 Log = Callable[[str], None]
 LOWER_IS_BETTER = {"loss", "perplexity"}

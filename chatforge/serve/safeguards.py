@@ -40,7 +40,7 @@ import httpx
 import re2
 
 from chatforge.config import SafeguardsConfig, ServeConfig
-from chatforge.data.pii import Redactor
+from chatforge.core.pii import Redactor
 from chatforge.serve.backends import BackendRejected, GenerationInput, estimate_tokens
 from chatforge.serve.engine import Delta, ServeUnavailable
 from chatforge.serve.metrics import ServeMetrics

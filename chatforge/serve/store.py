@@ -32,7 +32,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from chatforge.config import PiiConfig
-from chatforge.data.pii import Redactor
+from chatforge.core.pii import Redactor
 from chatforge.db import DatabaseURLError, engine_for
 from chatforge.serve import keys
 from chatforge.serve.store_schema import (

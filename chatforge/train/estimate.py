@@ -20,8 +20,9 @@ import torch
 
 from chatforge.config import TrainConfig
 from chatforge.device import resolve_device, training_dtype
-from chatforge.train.batches import Example
-from chatforge.train.model import causal_lm_of, count_parameters, loss_chunk_rows
+from chatforge.core.examples import Example
+from chatforge.core.loss import causal_lm_of, loss_chunk_rows
+from chatforge.train.model import count_parameters
 
 EFFICIENCY = 0.5  # fraction of the measured matmul speed a training step reaches (checked on Gemma 270M here)
 

@@ -26,14 +26,9 @@ from chatforge.config import TrainConfig
 from chatforge.device import resolve_device, training_dtype
 from chatforge.manifest import Manifest
 from chatforge.models.tokens import pad_token_id
-from chatforge.train.batches import (
-    Example,
-    collate,
-    mask_summary,
-    pack_examples,
-    plan_batches,
-    tokenize_records,
-)
+from chatforge.core.examples import Example, collate, mask_summary, tokenize_records
+from chatforge.core.loss import CausalLMLoss
+from chatforge.train.batches import pack_examples, plan_batches
 from chatforge.train.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
@@ -72,7 +67,7 @@ class StepPlan:
 
 
 def read_split(data_dir: Path, name: str, limit: int | None) -> list[dict[str, Any]]:
-    from chatforge.data.records import read_jsonl
+    from chatforge.core.records import read_jsonl
 
     path = data_dir / f"{name}.jsonl"
     if not path.exists():
@@ -149,7 +144,7 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
     from chatforge.train.estimate import estimate_run
     from chatforge.train.export import export_run, write_run_files
     from chatforge.models.templates import template_token_ids
-    from chatforge.train.model import CausalLMLoss, apply_lora, load_training_model
+    from chatforge.train.model import apply_lora, load_training_model
 
     if not cfg.data or not cfg.out:
         raise TrainError("train needs a dataset (--data or train.data) and a run directory (--out or train.out)")

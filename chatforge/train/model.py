@@ -4,10 +4,7 @@ Use it like this::
 
     model = load_training_model("path/to/hf-dir", cfg, tokenizer)   # base_storage bf16: frozen base in 16 bits
     model = apply_lora(model, LoraSettings(r=16))            # or leave it for full fine-tuning
-    loss_model = CausalLMLoss(model, chunk_size=512)
-    loss_sum, n_tokens, n_correct = loss_model(**batch)      # batch from batches.collate
-
-`CausalLMLoss` is an `nn.Module` so DDP (through accelerate) wraps the whole forward, loss included.
+    loss_model = CausalLMLoss(model, chunk_size=512)         # core/loss.py: the same object eval scores with
 """
 
 from __future__ import annotations
@@ -19,11 +16,7 @@ from torch import Tensor, nn
 
 from chatforge.config import LoraSettings, TrainConfig
 from chatforge.models.run import load_causal_lm
-from chatforge.train.batches import IGNORE
-from chatforge.train.loss import chunked_lm_loss
 from chatforge.train.lowmem import STORAGE_DTYPES, low_precision_copy, store_frozen_base
-
-LOGITS_BUDGET = 32 * 1024 * 1024  # fp32 logits per LM-head chunk (x4 bytes); see CausalLMLoss
 
 # Attention projections by naming family; the first family whose names all exist in the model is used.
 LORA_TARGET_FAMILIES = (
@@ -79,58 +72,6 @@ def apply_lora(model: nn.Module, settings: LoraSettings, token_ids: list[int] | 
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=targets, task_type="CAUSAL_LM", **extra)
     return get_peft_model(model, config)
-
-
-def lm_head_weight(causal: nn.Module) -> Tensor:
-    """The LM head's weight as the forward pass sees it: with peft trainable tokens, the frozen matrix with the
-    trained rows copied in (a differentiable copy, so those rows get their gradient through our chunked loss)."""
-    head = causal.get_output_embeddings()
-    adapter = getattr(head, "token_adapter", None)
-    if adapter is not None:
-        return adapter.get_merged_weights(adapter.active_adapters)
-    return head.weight
-
-
-def causal_lm_of(model: nn.Module) -> Any:
-    """The transformers *ForCausalLM inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-class CausalLMLoss(nn.Module):
-    """Forward = decoder, then the LM head and cross-entropy on trained positions only (see train.loss)."""
-
-    def __init__(self, model: nn.Module, chunk_size: int | None = None) -> None:
-        super().__init__()
-        self.model = model
-        causal = causal_lm_of(model)
-        self.chunk_size = loss_chunk_rows(causal.get_output_embeddings().weight.shape[0], chunk_size)
-        self.softcap = getattr(causal.config, "final_logit_softcapping", None)
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        labels: Tensor,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Return (sum of token losses, number of trained tokens, number predicted right)."""
-        causal = causal_lm_of(self.model)
-        hidden = causal.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        targets = labels[:, 1:]
-        trained = targets != IGNORE
-        head_weight = lm_head_weight(causal)
-        loss_sum, correct = chunked_lm_loss(
-            hidden[:, :-1][trained], head_weight, targets[trained], self.chunk_size, self.softcap
-        )
-        return loss_sum, trained.sum(), correct
-
-
-def loss_chunk_rows(vocab_size: int, configured: int | None) -> int:
-    """Positions per LM-head chunk: as configured, else ~128 MB of fp32 logits (128 for a 262k vocabulary), so
-    peak memory stays flat while each matmul is still large enough to run at full speed."""
-    return configured or max(16, min(8192, LOGITS_BUDGET // vocab_size))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

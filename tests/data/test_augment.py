@@ -8,7 +8,7 @@ import re
 
 from chatforge.config import AugmentConfig
 from chatforge.data.augment import add_typo, augment_records, augment_text, load_synonyms, match_case
-from chatforge.data.records import Record, make_record
+from chatforge.core.records import Record, make_record
 
 NOISY = AugmentConfig(typo_rate=0.3, swap_rate=0.2, synonym_rate=0.5)
 

@@ -9,7 +9,7 @@ import pytest
 
 from chatforge.config import BalanceConfig
 from chatforge.data.balance import NO_CATEGORY, balance_records, categorise
-from chatforge.data.records import Record
+from chatforge.core.records import Record
 
 
 def make_records(counts: dict[str | None, int], user_text: str = "question") -> list[Record]:

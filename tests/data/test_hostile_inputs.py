@@ -15,7 +15,7 @@ from chatforge.config import FitConfig, PrepareConfig, ValidateConfig
 from chatforge.data import card as card_module
 from chatforge.data.formats import MAX_JSON_DEPTH, InputError
 from chatforge.data.prepare import prepare
-from chatforge.data.records import read_jsonl
+from chatforge.core.records import read_jsonl
 
 OUTPUT_NAMES = ("train", "val", "test", "rejected", "duplicates")
 

@@ -20,8 +20,8 @@ from chatforge.config import PII_TYPES, CleanConfig, FormatOptions
 from chatforge.data.clean import CLEANING_STEPS, Cleaner
 from chatforge.data.dedup import normalise_for_dedup
 from chatforge.data.formats import read_file
-from chatforge.data.pii import Redactor
-from chatforge.data.pii_detectors import DETECTORS
+from chatforge.core.pii import Redactor
+from chatforge.core.pii_detectors import DETECTORS
 from tests.data.adversarial import adversarial_texts
 
 SMALL, LARGE = 10_000, 100_000

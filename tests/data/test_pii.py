@@ -1,4 +1,4 @@
-"""What `chatforge.data.pii` masks, what it leaves alone, and how it counts."""
+"""What `chatforge.core.pii` masks, what it leaves alone, and how it counts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from chatforge.config import PiiConfig
-from chatforge.data.pii import Redactor, presidio_person_detector, redact_text
+from chatforge.core.pii import Redactor, presidio_person_detector, redact_text
 
 # Fake keys in the shapes real ones have, glued together at run time so secret scanners leave this file alone.
 OPENAI_KEY = "sk-" + "proj-" + "Xk9Lm2Pq8Rt4Vw6Yz1Ab3Cd5Ef7Gh9Ij0Kl2Mn4Op6Qr8St"

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatforge.config import FitConfig, PrepareConfig
-from chatforge.data.pii import Redactor
+from chatforge.core.pii import Redactor
 from chatforge.data.prepare import prepare
 from chatforge.data.scrub import Scrubber, json_unescape
 from tests.data.messy import PLANTED_PII

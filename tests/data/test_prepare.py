@@ -11,7 +11,7 @@ import pytest
 
 from chatforge.config import FitConfig, PrepareConfig, SplitConfig
 from chatforge.data.prepare import StrictModeError, prepare
-from chatforge.data.records import read_jsonl
+from chatforge.core.records import read_jsonl
 from tests.data.messy import write_messy_inputs
 
 READ = 70  # 44 JSONL lines + 21 CSV rows + 3 transcript conversations + 2 YAML conversations

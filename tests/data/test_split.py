@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from chatforge.config import SplitConfig
-from chatforge.data.records import Record
+from chatforge.core.records import Record
 from chatforge.data.split import split_counts, split_records
 
 

@@ -20,7 +20,7 @@ from chatforge.evaluate.bias import (
 )
 from chatforge.models.run import load_run
 from chatforge.models.templates import GEMMA_TEMPLATE
-from chatforge.train.batches import IGNORE, tokenize_conversation
+from chatforge.core.examples import IGNORE, tokenize_conversation
 from chatforge.train.loop import train
 
 HELPFUL = "Yes, of course. Lessons are on Monday and everyone is welcome."

@@ -9,7 +9,7 @@ import pytest
 
 from chatforge.models.masks import answer_token_mask, has_generation_markers
 from chatforge.models.templates import CHAT_TEMPLATES
-from chatforge.train.batches import IGNORE, tokenize_conversation
+from chatforge.core.examples import IGNORE, tokenize_conversation
 from tests.models.hub_templates import FAMILIES, STRIPS_EARLIER_REASONING, Family, build_backend, family_tokenizer
 
 SYSTEM = {"role": "system", "content": "You answer questions about the Lumo lamp."}

@@ -9,7 +9,7 @@ import re
 from playwright.sync_api import expect
 
 from chatforge.config import PiiConfig
-from chatforge.data.pii import Redactor
+from chatforge.core.pii import Redactor
 from tests.browser import chromium_page
 from tests.serve.conftest import RunningServer
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from chatforge.config import FitConfig, PrepareConfig
 from chatforge.data.prepare import prepare
-from chatforge.data.records import read_jsonl
+from chatforge.core.records import read_jsonl
 from chatforge.serve.feedback import export_feedback
 from chatforge.serve.store import Store
 

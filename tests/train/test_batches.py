@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from chatforge.train.batches import IGNORE, collate, pack_examples, plan_batches, tokenize_conversation, tokenize_records
-from chatforge.train.model import CausalLMLoss, load_base_model
+from chatforge.core.examples import IGNORE, Example, collate, tokenize_conversation, tokenize_records
+from chatforge.core.loss import CausalLMLoss
+from chatforge.train.batches import pack_examples, plan_batches
+from chatforge.train.model import load_base_model
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -44,7 +46,6 @@ def test_examples_cut_before_any_answer_are_left_out(tiny_tokenizer_dir: Path) -
 
 
 def test_packing_fills_bins_without_exceeding_max_length() -> None:
-    from chatforge.train.batches import Example
 
     examples = [Example(list(range(n)), list(range(n))) for n in (60, 50, 40, 30, 20, 10)]
     bins = pack_examples(examples, 100)

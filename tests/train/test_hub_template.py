@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from chatforge.config import FitConfig, PrepareConfig, TrainConfig
 from chatforge.data.prepare import prepare
 from chatforge.models.tiny import build_tiny_llama, build_tiny_tokenizer
-from chatforge.train.batches import IGNORE, tokenize_records
+from chatforge.core.examples import IGNORE, tokenize_records
 from chatforge.train.loop import train
 from chatforge.train.monitor import read_metrics
 from tests.models.hub_templates import SMOLLM2
@@ -87,7 +87,7 @@ def test_inspect_highlights_the_same_answer_tokens_for_a_marker_less_template(hu
     from typer.testing import CliRunner
 
     from chatforge.cli import app
-    from chatforge.data.records import read_jsonl
+    from chatforge.core.records import read_jsonl
 
     model_dir, dataset = hub_style
     result = CliRunner().invoke(app, ["inspect", str(dataset), "--model", str(model_dir), "--index", "0"],

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chatforge.train.loss import chunked_lm_loss
+from chatforge.core.loss import chunked_lm_loss
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])

@@ -12,7 +12,8 @@ from torch import nn
 
 from chatforge.config import LoraSettings
 from chatforge.train.lowmem import UpcastLinear, low_precision_copy, store_frozen_base
-from chatforge.train.model import CausalLMLoss, apply_lora, load_base_model
+from chatforge.core.loss import CausalLMLoss
+from chatforge.train.model import apply_lora, load_base_model
 from chatforge.train.monitor import read_metrics
 from tests.models.test_run import prepared_dataset, tiny_run
 

@@ -1,8 +1,8 @@
 """The detectors behind `pii.Redactor`: where each kind of personal data or secret starts and ends in a text.
 
-Use them through `chatforge.data.pii.Redactor`; each `_x_at(text, pos)` looks at a digit seed found by
+Use them through `chatforge.core.pii.Redactor`; each `_x_at(text, pos)` looks at a digit seed found by
 `_DIGIT_SEED` and returns spans `(start, end, TYPE, priority)` of what it validated there (Luhn, mod-97,
-`ipaddress`, ...). The matching rules are listed in the docstring of `chatforge.data.pii`.
+`ipaddress`, ...). The matching rules are listed in the docstring of `chatforge.core.pii`.
 
 `DETECTORS` lists every detector as a whole-text function (text -> spans), by name; the Redactor runs the same
 functions, and tests/data/test_linear_time.py times each of them on adversarial text. Every detector is linear in

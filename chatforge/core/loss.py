@@ -7,6 +7,12 @@ Use it like this::
     loss_sum, correct = chunked_lm_loss(hidden[:, :-1][positions], lm_head.weight, labels[:, 1:][positions])
     (loss_sum / n_tokens).backward()
 
+    loss_model = CausalLMLoss(model)                             # the object training and eval both use
+    loss_sum, n_tokens, n_correct = loss_model(**batch)          # batch from core.examples.collate
+    rows = loss_model.per_row(**padded_batch)                    # eval: (loss sum, tokens, hits) per conversation
+
+`CausalLMLoss` is an `nn.Module` so DDP (through accelerate) wraps the whole forward, loss included.
+
 Why: Gemma 3's 262k-entry vocabulary makes the LM head most of the compute per token, and a plain
 `CrossEntropyLoss(lm_head(hidden))` materialises fp32 logits for every position, padding and prompts included. Here
 the head runs only on positions that carry loss, a chunk at a time, and the gradient of each chunk is computed in
@@ -17,7 +23,11 @@ stays alive between forward and backward.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from chatforge.core.examples import IGNORE
+
+LOGITS_BUDGET = 32 * 1024 * 1024  # fp32 logits per LM-head chunk (x4 bytes); see CausalLMLoss
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -115,3 +125,75 @@ def chunked_lm_loss(
         zero = hidden.sum() * 0.0 + weight.sum() * 0.0  # keeps the graph connected (DDP expects every grad)
         return zero.float(), torch.zeros((), dtype=torch.long, device=hidden.device)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, float(softcap or 0.0))
+
+
+def lm_head_weight(causal: nn.Module) -> Tensor:
+    """The LM head's weight as the forward pass sees it: with peft trainable tokens, the frozen matrix with the
+    trained rows copied in (a differentiable copy, so those rows get their gradient through our chunked loss)."""
+    head = causal.get_output_embeddings()
+    adapter = getattr(head, "token_adapter", None)
+    if adapter is not None:
+        return adapter.get_merged_weights(adapter.active_adapters)
+    return head.weight
+
+
+def causal_lm_of(model: nn.Module) -> Any:
+    """The transformers *ForCausalLM inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class CausalLMLoss(nn.Module):
+    """Forward = decoder, then the LM head and cross-entropy on trained positions only (see train.loss)."""
+
+    def __init__(self, model: nn.Module, chunk_size: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        causal = causal_lm_of(model)
+        self.chunk_size = loss_chunk_rows(causal.get_output_embeddings().weight.shape[0], chunk_size)
+        self.softcap = getattr(causal.config, "final_logit_softcapping", None)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Return (sum of token losses, number of trained tokens, number predicted right) over the whole batch."""
+        hidden = self._hidden(input_ids, attention_mask, position_ids)
+        targets = labels[:, 1:]
+        trained = targets != IGNORE
+        loss_sum, correct = chunked_lm_loss(
+            hidden[:, :-1][trained], self._head(), targets[trained], self.chunk_size, self.softcap
+        )
+        return loss_sum, trained.sum(), correct
+
+    def per_row(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None) -> list[tuple[float, int, int]]:
+        """(loss sum, trained tokens, argmax hits) for each row of a padded batch: one batched decoder pass, then the
+        same chunked LM head row by row (right padding: a row's trained positions never see its padding). Eval's
+        perplexity and the bias probe score with this, so they always measure what training optimises."""
+        hidden = self._hidden(input_ids, attention_mask, None)
+        head = self._head()
+        targets = labels[:, 1:]
+        rows = []
+        for row in range(hidden.shape[0]):
+            trained = targets[row] != IGNORE
+            loss_sum, correct = chunked_lm_loss(hidden[row, :-1][trained], head, targets[row][trained],
+                                                self.chunk_size, self.softcap)
+            rows.append((float(loss_sum), int(trained.sum()), int(correct)))
+        return rows
+
+    def _hidden(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> Tensor:
+        causal = causal_lm_of(self.model)
+        return causal.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+
+    def _head(self) -> Tensor:
+        return lm_head_weight(causal_lm_of(self.model))
+
+
+def loss_chunk_rows(vocab_size: int, configured: int | None) -> int:
+    """Positions per LM-head chunk: as configured, else ~128 MB of fp32 logits (128 for a 262k vocabulary), so
+    peak memory stays flat while each matmul is still large enough to run at full speed."""
+    return configured or max(16, min(8192, LOGITS_BUDGET // vocab_size))

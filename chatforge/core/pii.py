@@ -47,7 +47,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from chatforge.config import PII_TYPES, PiiConfig
-from chatforge.data.pii_detectors import _PRIORITY, DEFAULT_TYPES, DIGIT_MATCHERS, SCANNERS, Span, digit_seeded_spans
+from chatforge.core.pii_detectors import _PRIORITY, DEFAULT_TYPES, DIGIT_MATCHERS, SCANNERS, Span, digit_seeded_spans
 
 Detector = Callable[[str], list[tuple[int, int, str]]]
 

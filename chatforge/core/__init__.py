@@ -1,0 +1,11 @@
+"""The shared core below the stages: what `data`, `train`, `evaluate` and `serve` all need, owned once here.
+
+- `records`: the chat JSONL records every stage reads and writes;
+- `pii`, `pii_detectors`: the PII/secret redactor (prepare redacts datasets, serve redacts logs and feedback);
+- `examples`: conversations -> token ids with the answers-only loss mask -> batch tensors;
+- `loss`: the chunked LM-head cross-entropy and `CausalLMLoss`, the one object training optimises and eval scores;
+- `rundir`: a run directory's layout (model/, config.yaml, checkpoints/, eval/NAME/, exports/NAME/).
+
+A stage imports from here (and from `chatforge.models`, `config`, `manifest`, `device`), never from another stage;
+tests/test_layering.py checks it.
+"""
