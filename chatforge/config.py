@@ -373,11 +373,12 @@ class ServeConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     db: str = Field(default="sqlite:///chatforge.db", description="SQLAlchemy URL: sqlite:///file.db or postgresql://...")
-    backend: Literal["torch", "llamacpp", "upstream"] = "torch"
+    backend: Literal["torch", "llamacpp", "llamaserver", "upstream"] = Field(default="torch", description="torch (in-process engine), llamaserver (llama.cpp's llama-server started by chatforge, the fastest on CPU), llamacpp (llama-cpp-python, one request at a time) or upstream (forward to OpenAI-compatible servers)")
+    threads: int | None = Field(default=None, ge=1, description="CPU threads of the engine (torch or llama-server); None = all cores")
     device: DeviceSpec = Field(default="auto", description=f"backend torch: {DEVICE_HELP}")
     upstream_url: str | None = Field(default=None, description="OpenAI-compatible server (vLLM, llama.cpp) for backend upstream")
     gguf: str | None = Field(default=None, description="GGUF file for backend llamacpp (default: the run, exported and cached)")
-    gguf_quant: Literal["q8_0", "f16", "f32"] = Field(default="q8_0", description="how backend llamacpp exports the run")
+    gguf_quant: Literal["q8_0", "f16", "f32"] = Field(default="q8_0", description="how backends llamacpp and llamaserver export the run")
     quantize: Literal["none", "int8"] = Field(default="none", description="torch backend: int8 weights for the linear layers and LM head (CPU, dynamic quantisation)")
     max_batch: int = Field(default=8, ge=1, description="requests decoded together")
     max_queue: int = Field(default=64, ge=1, description="waiting requests beyond this get 503 + Retry-After")

@@ -123,6 +123,7 @@ def cached_gguf(run: Path | str, quant: str = "q8_0") -> Path:
             digest.update(f"{path.relative_to(directory)}\0{sha256_file(path)}\0".encode())
     out_file = cache_root() / "gguf" / f"{files.run_dir.name}-{digest.hexdigest()[:16]}-{quant}.gguf"
     if not out_file.is_file():
+        out_file.parent.mkdir(parents=True, exist_ok=True)
         partial = out_file.with_name(out_file.stem + ".partial.gguf")
         export_gguf(run, partial, quant=quant)
         partial.replace(out_file)  # a failed or interrupted export never leaves a file that looks done

@@ -18,6 +18,8 @@ vLLM or llama.cpp servers behind one `upstream` URL).
 - `torch` (default): `TorchEngine`, dynamic batching with a KV cache (see engine.py).
 - `upstream`: forwards to one or more OpenAI-compatible servers (`serve.upstreams`, or `serve.upstream_url`), least
   busy healthy one first, with health checks and failover: see upstream.py.
+- `llamaserver`: llama.cpp's C++ `llama-server` started as a child on loopback (`--parallel max_batch`, continuous
+  batching) on the run exported to GGUF, with the upstream backend in front; see llamaserver.py.
 - `llamacpp`: llama-cpp-python on `serve.gguf`, or on `serve.run` exported to GGUF by itself (cached by the run's
   hash), one request at a time; see llamacpp.py. The optional extra: `pip install 'chatforge[llamacpp]'`.
 """
@@ -32,6 +34,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+import torch
 
 from chatforge.config import ServeConfig
 from chatforge.models.generate import SamplingSettings, chat_prompt_ids, context_length
@@ -110,6 +114,10 @@ def make_backend(cfg: ServeConfig) -> Backend:
         from chatforge.serve.upstream import upstream_backend  # upstream.py builds on this module
 
         return upstream_backend(cfg)
+    if cfg.backend == "llamaserver":
+        from chatforge.serve.llamaserver import LlamaServerBackend  # builds on upstream.py, which imports this module
+
+        return LlamaServerBackend(cfg)
     from chatforge.serve.llamacpp import LlamaCppBackend  # here, not at the top: llamacpp.py imports this module
 
     return LlamaCppBackend(cfg)
@@ -134,6 +142,8 @@ class TorchBackend:
         self.on_batch: Callable[[int], None] | None = None  # set by the app: called with each batch size
 
     async def start(self) -> None:
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
         if self.loaded is None:
             self.loaded = await asyncio.to_thread(load_run, self.run, device=self.cfg.device)
             self.context_length = context_length(self.loaded)
