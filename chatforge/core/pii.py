@@ -161,6 +161,8 @@ def _presidio_persons(text: str, spacy_model: str, min_score: float) -> list[tup
 
 @functools.lru_cache(maxsize=2)
 def _presidio_analyzer(spacy_model: str) -> Any:
+    # lazy: an optional extra (presidio-analyzer with a spaCy model), needed only with person_names; it is not
+    # installed in the dev venv, so its import time is not measured here
     from presidio_analyzer import AnalyzerEngine
     from presidio_analyzer.nlp_engine import NlpEngineProvider
 
