@@ -21,7 +21,8 @@ Every hit becomes its type in brackets (`[EMAIL]`, `[PHONE]`, ...). What each ty
   "pkg>=1.2.0.0", and addresses that identify nothing (127.0.0.1, ::1, 0.0.0.0, netmasks like 255.255.255.0).
 - URL_CREDENTIALS: only the user:password part goes and the host stays: postgres://[URL_CREDENTIALS]@db.example.com.
 - API_KEY: known prefixes (sk-, sk_live_/pk_live_/rk_live_, ghp_/gho_/ghu_/ghs_/ghr_, github_pat_, xoxb-/xoxp-/xoxa-,
-  AKIA/ASIA, AIza, glpat-, hf_), JWTs, the token after "Bearer", and random-looking tokens (see `_looks_random`).
+  AKIA/ASIA, AIza, glpat-, hf_), JWTs, the token after "Bearer", and random-looking tokens (see
+  `pii_secrets._looks_random`).
   Hex-only strings (git SHAs, checksums, UUIDs) are not treated as secrets: they name objects, not people or keys.
 - PERSON: only with `person_names=True` (Presidio) or through `extra_detectors`.
 
@@ -33,9 +34,9 @@ key of 32 chars has none 0.4% of the time, of 40 chars 0.1%), except AWS ids and
 their literal start. Nothing here logs or keeps the original values.
 
 Safe on untrusted text of any size (the API server redacts what users send): every detector is linear in the text's
-length (bounded matches at seeds, each run judged once; see `pii_detectors`), and overlapping hits are resolved
-with a coverage map, not by comparing every pair. tests/data/test_linear_time.py checks each registered detector
-on 10 KB vs 100 KB of adversarial text.
+length (bounded matches at seeds, each run judged once; see `pii_detectors` and the `pii_identifiers` and
+`pii_secrets` it registers), and overlapping hits are resolved with a coverage map, not by comparing every pair.
+tests/data/test_linear_time.py checks each registered detector on 10 KB vs 100 KB of adversarial text.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from chatforge.config import PII_TYPES, PiiConfig
-from chatforge.core.pii_detectors import _PRIORITY, DEFAULT_TYPES, DIGIT_MATCHERS, SCANNERS, Span, digit_seeded_spans
+from chatforge.core.pii_detectors import DEFAULT_TYPES, DIGIT_MATCHERS, SCANNERS, digit_seeded_spans
+from chatforge.core.pii_spans import PRIORITY, Span
 
 Detector = Callable[[str], list[tuple[int, int, str]]]
 
@@ -122,7 +124,7 @@ class Redactor:
                 if not (0 <= start < end <= len(text) and isinstance(kind, str) and kind):
                     raise ValueError(f"extra detector {detector!r} returned span ({start}, {end}, {kind!r}); "
                                      f"expected 0 <= start < end <= {len(text)} and a non-empty type name")
-                spans.append((start, end, kind, _PRIORITY["extra"]))
+                spans.append((start, end, kind, PRIORITY["extra"]))
         return spans
 
 
@@ -159,6 +161,8 @@ def _presidio_persons(text: str, spacy_model: str, min_score: float) -> list[tup
 
 @functools.lru_cache(maxsize=2)
 def _presidio_analyzer(spacy_model: str) -> Any:
+    # lazy: an optional extra (presidio-analyzer with a spaCy model), needed only with person_names; it is not
+    # installed in the dev venv, so its import time is not measured here
     from presidio_analyzer import AnalyzerEngine
     from presidio_analyzer.nlp_engine import NlpEngineProvider
 

@@ -61,8 +61,21 @@ def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Read a JSONL file written by `write_jsonl` (blank lines skipped)."""
+    """Read a JSONL file written by `write_jsonl`: `for record in read_jsonl(Path("data/train.jsonl")): ...`.
+
+    Blank lines are skipped. A line that is not a JSON object raises ValueError naming it, e.g.
+    'data/train.jsonl:17: not valid JSON (Expecting value at column 1)', so a caller can show it as a one-line error.
+    """
     with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{line_number}: JSON nested too deeply to read") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            yield record

@@ -62,6 +62,8 @@ def _reason_kind(reason: str) -> str:
 
 def write_token_histogram(token_counts: list[int], max_tokens: int | None, path: Path) -> None:
     """Histogram of tokens per example, with the max_tokens limit marked."""
+    # lazy: matplotlib.pyplot takes ~2 s to import (python -X importtime), and only this plot needs it (the CLI
+    # imports this module for `summary_lines`)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -302,7 +302,7 @@ the text's length; tests/data/test_linear_time.py times each on adversarial text
 
 def _load_spell_checker() -> Any:
     try:
-        from spellchecker import SpellChecker
+        from spellchecker import SpellChecker  # lazy: optional extra chatforge[spell], absent by default (~40 ms)
     except ImportError as exc:
         raise ImportError(
             "spelling correction (prepare.clean.spelling) needs pyspellchecker: pip install 'chatforge[spell]'"

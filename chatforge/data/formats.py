@@ -26,8 +26,8 @@ from typing import Any
 import yaml
 
 from chatforge.config import FormatOptions
-from chatforge.data.items import InputError, Item, Rejection, json_object_format, record_from_object
 from chatforge.core.records import Message, make_record
+from chatforge.data.items import InputError, Item, Rejection, json_object_format, record_from_object
 from chatforge.data.tables import read_parquet, read_table
 
 FORMATS = ("openai", "sharegpt", "alpaca", "csv", "tsv", "chatterbot", "transcript", "parquet")

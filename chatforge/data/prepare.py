@@ -24,11 +24,22 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.config import CleanConfig, PiiConfig, PrepareConfig
-from chatforge.data.formats import KNOWN_SUFFIXES, InputError, Rejection, detect_format, read_file
-from chatforge.data.outputs import staged_output
 from chatforge.core.pii import Redactor
 from chatforge.core.records import Record, write_jsonl
+from chatforge.data.card import write_card
+from chatforge.data.clean import make_cleaner
+from chatforge.data.formats import KNOWN_SUFFIXES, InputError, Rejection, detect_format, read_file
+from chatforge.data.outputs import staged_output
 from chatforge.data.scrub import Scrubber
+from chatforge.data.steps import (
+    augment_train,
+    balance_cap,
+    balance_upsample,
+    deduplicate,
+    fit_to_context,
+    group_key,
+    split,
+)
 from chatforge.data.validate import check_record, size_problem, validate_messages
 from chatforge.manifest import Manifest
 
@@ -80,8 +91,6 @@ _worker_state: dict[str, Any] = {}
 
 
 def _init_worker(clean_cfg: dict[str, Any], pii_cfg: dict[str, Any], require_assistant_last: bool) -> None:
-    from chatforge.data.clean import make_cleaner
-
     clean = CleanConfig.model_validate(clean_cfg)
     pii = PiiConfig.model_validate(pii_cfg)
     _worker_state["clean"] = make_cleaner(clean) if clean.enabled else None
@@ -196,17 +205,6 @@ def prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, log: Log = lambda
 
 
 def _prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, scrub: Scrubber, log: Log) -> PrepareReport:
-    from chatforge.data.card import write_card
-    from chatforge.data.steps import (
-        augment_train,
-        balance_cap,
-        balance_upsample,
-        deduplicate,
-        fit_to_context,
-        group_key,
-        split,
-    )
-
     manifest = Manifest.start("prepare", config=scrub.tree(cfg.model_dump(mode="json")))
     files = expand_inputs(inputs)
     with manifest.timed("read_validate"):

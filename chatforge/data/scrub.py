@@ -20,8 +20,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from chatforge.data.formats import MAX_JSON_DEPTH
 from chatforge.core.pii import Redactor
+from chatforge.data.formats import MAX_JSON_DEPTH
 
 Log = Callable[[str], None]
 

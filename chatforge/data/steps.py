@@ -16,6 +16,11 @@ from typing import Any
 
 from chatforge.config import AugmentConfig, BalanceConfig, DedupConfig, FitConfig, SplitConfig
 from chatforge.core.records import Record
+from chatforge.data.augment import augment_records
+from chatforge.data.balance import balance_records, count_categories, label_categories
+from chatforge.data.fit import fit_records, token_stats
+from chatforge.data.split import split_records
+from chatforge.models.source import load_tokenizer
 
 
 def dedup_text(record: Record) -> str:
@@ -27,6 +32,8 @@ def deduplicate(records: list[Record], cfg: DedupConfig) -> tuple[list[Record], 
     """Keep the first of each group of exact/near duplicates; the others come back with the id they duplicate."""
     if not cfg.enabled or not records:
         return records, []
+    # lazy: dedup's datasketch pulls in scipy, ~2 s to import (python -X importtime); paid only when this step runs
+    # (on by default), not by --no-dedup runs nor by code that imports prepare without running it
     from chatforge.data.dedup import find_duplicates
 
     matches = find_duplicates([dedup_text(r) for r in records], cfg)
@@ -46,9 +53,6 @@ def fit_to_context(
     """Count tokens with the target model's tokenizer and template; split, truncate or drop what is too long."""
     if not cfg.enabled or not records:
         return records, [], {}
-    from chatforge.data.fit import fit_records, token_stats
-    from chatforge.models.source import load_tokenizer
-
     tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
     result = fit_records(records, tokenizer, cfg)
     stats = token_stats(result.token_counts)
@@ -86,8 +90,6 @@ def balance_cap(
     """
     if not cfg.enabled:
         return records, [], [], {}
-    from chatforge.data.balance import balance_records, count_categories, label_categories
-
     if cfg.mode != "cap":  # only label now (keyword rules fill meta[by]) so the split can stratify; upsample later
         labelled, categories = label_categories(records, cfg)
         return labelled, [], [], {"before": count_categories(categories)}
@@ -109,8 +111,6 @@ def balance_upsample(train: list[Record], cfg: BalanceConfig, info: dict[str, An
     """In upsample mode, add copies of under-represented categories to train only (copies never cross splits)."""
     if not cfg.enabled or cfg.mode != "upsample":
         return [], info
-    from chatforge.data.balance import balance_records
-
     result = balance_records(train, cfg, mode="upsample")
     return result.added, {**info, "after": result.after, "skipped_reason": result.skipped_reason}
 
@@ -119,13 +119,9 @@ def augment_train(train: list[Record], cfg: AugmentConfig) -> list[Record]:
     """Augmented copies of training records (marked in meta); they only ever go to train."""
     if not cfg.enabled or not train:
         return []
-    from chatforge.data.augment import augment_records
-
     return augment_records(train, cfg)
 
 
 def split(records: list[Record], cfg: SplitConfig) -> tuple[list[Record], list[Record], list[Record]]:
     """Seeded, stratified train/val/test split that keeps pieces of one conversation together."""
-    from chatforge.data.split import split_records
-
     return split_records(records, cfg, group_key="group")

@@ -9,7 +9,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from chatforge.config import FitConfig
-from chatforge.data.fit import MIN_ANSWER_TOKENS, fit_records, measure_template_costs, token_stats
+from chatforge.data.fit import MIN_ANSWER_TOKENS, fit_records, token_stats
+from chatforge.data.token_counting import measure_template_costs
 from chatforge.models.templates import ensure_chat_template
 from tests.tiny_models import build_tiny_tokenizer, tiny_chat_text
 
