@@ -61,7 +61,7 @@ class FormatOptions(StrictModel):
 
 
 class CleanConfig(StrictModel):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="clean the text: unicode, HTML, repeated punctuation")
     unicode_nfkc: bool = True
     strip_html: bool = True
     collapse_punctuation: bool = Field(default=True, description="'!!!!!' -> '!!!', '.....' -> '...'")
@@ -70,7 +70,7 @@ class CleanConfig(StrictModel):
 
 
 class DedupConfig(StrictModel):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="drop exact and near-duplicate conversations")
     exact: bool = True
     near: bool = True
     threshold: float = Field(default=0.85, ge=0.0, le=1.0, description="Jaccard similarity that counts as duplicate")
@@ -79,37 +79,38 @@ class DedupConfig(StrictModel):
 
 
 class FitConfig(StrictModel):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="count tokens and fit every example to max_tokens")
     model: str | None = Field(default=None, description="tokenizer source: HF dir, hub id or .gguf; None = default")
     chat_template: str | None = Field(default=None, description="named template (chatml, gemma, llama3) if needed")
-    max_tokens: int = Field(default=1024, ge=16)
-    overflow: Literal["split", "truncate", "drop"] = "split"
+    max_tokens: int = Field(default=1024, ge=16, description="longest example in tokens")
+    overflow: Literal["split", "truncate", "drop"] = Field(default="split", description="an example past max_tokens: "
+                                                           "split into several, truncate, or drop")
 
 
 class BalanceConfig(StrictModel):
-    enabled: bool = False
+    enabled: bool = Field(default=False, description="balance the categories (see by, target, mode)")
     by: str = Field(default="category", description="meta field that holds the category")
     keyword_rules: dict[str, list[str]] = Field(
         default={}, description="category -> keywords; a record with no category gets the first rule that matches"
     )
     target: Literal["uniform"] | dict[str, float] = Field(default="uniform", description="wanted distribution")
     mode: Literal["cap", "upsample"] = "cap"
-    seed: int = 0
+    seed: int = Field(default=0, description="seed of the up/down-sampling")
 
 
 class AugmentConfig(StrictModel):
-    enabled: bool = False
+    enabled: bool = Field(default=False, description="add augmented copies (typos, swaps, synonyms) of training records")
     copies: int = Field(default=1, ge=1, description="augmented copies per training record")
     typo_rate: float = Field(default=0.03, ge=0.0, le=1.0, description="chance a word gets a character typo")
     swap_rate: float = Field(default=0.03, ge=0.0, le=1.0, description="chance of swapping a word with the next")
     synonym_rate: float = Field(default=0.05, ge=0.0, le=1.0, description="chance a word is replaced by a synonym")
     roles: list[str] = Field(default=["user"], description="which roles' messages are augmented")
-    seed: int = 0
+    seed: int = Field(default=0, description="seed of the augmentation")
 
 
 class SplitConfig(StrictModel):
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    seed: int = 0
+    ratios: tuple[float, float, float] = Field(default=(0.8, 0.1, 0.1), description="train/val/test ratios, e.g. 80/10/10")
+    seed: int = Field(default=0, description="seed of the split")
     stratify_by: str = "category"
 
     @field_validator("ratios", mode="before")
@@ -160,7 +161,8 @@ warnings.filterwarnings("ignore", message='Field name "validate" in "PrepareConf
 class PrepareConfig(StrictModel):
     """Settings of `chatforge prepare`; each step can be switched off."""
 
-    format: str | None = Field(default=None, description="force one input format instead of auto-detection")
+    format: str | None = Field(default=None, description="force one input format instead of auto-detection: openai, "
+                              "sharegpt, alpaca, csv, tsv, chatterbot, transcript or parquet")
     formats: FormatOptions = FormatOptions()
     strict: bool = Field(default=False, description="stop at the first invalid record (exit 2)")
     require_assistant_last: bool = Field(default=True, description="false keeps conversations that end with a user "
@@ -177,7 +179,7 @@ class PrepareConfig(StrictModel):
 
 
 class LoraSettings(StrictModel):
-    r: int = Field(default=16, ge=1)
+    r: int = Field(default=16, ge=1, description="LoRA rank")
     alpha: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.05, ge=0.0, le=1.0)
     target_modules: list[str] | None = Field(default=None, description="None = attention projections of the model")
@@ -196,29 +198,31 @@ class TrainConfig(StrictModel):
     """Settings of `chatforge train`; the resolved copy is saved in the run directory."""
 
     data: str | None = Field(default=None, description="prepared dataset dir (train.jsonl, val.jsonl)")
-    model: str | None = Field(default=None, description="base model: HF dir, hub id or .gguf; None = default")
+    model: str | None = Field(default=None, description="base model: HF dir, hub id, .gguf or a packaged name; None = "
+                                 "the default, gemma3-270m")
     chat_template: str | None = Field(default=None, description="chat template: a name (chatml, gemma, llama3) or a "
                                       ".jinja file; None = the tokenizer's own, else one its vocabulary fits")
     out: str | None = Field(default=None, description="run directory")
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "full"] = Field(default="lora", description="LoRA adapters on a frozen base, or every weight")
     lora: LoraSettings = LoraSettings()
     merge: bool = Field(default=False, description="export the adapter merged into the base weights")
-    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    train_on: Literal["assistant", "last_assistant", "all"] = Field(default="assistant", description="which tokens "
+                                                                    "carry loss: every assistant turn, the last one, or all")
     max_length: int = Field(default=1024, ge=8, description="tokens per sequence (longer examples are cut)")
     packing: bool = Field(default=True, description="several conversations per sequence, no attention across them")
-    optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = "adamw"
-    lr: float = Field(default=2e-4, gt=0.0)
+    optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = Field(default="adamw", description="optimizer")
+    lr: float = Field(default=2e-4, gt=0.0, description="learning rate (peak, after warmup)")
     weight_decay: float = Field(default=0.0, ge=0.0)
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    schedule: Literal["constant", "linear", "cosine"] = Field(default="cosine", description="learning-rate schedule")
     warmup_steps: int = Field(default=0, ge=0)
     batch_size: int = Field(default=4, ge=1, description="sequences per step per process")
-    grad_accum: int = Field(default=1, ge=1)
-    epochs: float = Field(default=1.0, gt=0.0)
+    grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
+    epochs: float = Field(default=1.0, gt=0.0, description="passes over the train split (fractions allowed)")
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
     max_train_examples: int | None = Field(default=None, ge=1, description="use only the first N train examples")
     max_val_examples: int | None = Field(default=None, ge=1)
     grad_clip: float | None = Field(default=1.0, gt=0.0)
-    seed: int = 0
+    seed: int = Field(default=0, description="seed of initialisation, shuffling and dropout")
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto = bf16 on GPUs that have it")
     device: DeviceSpec = Field(default="auto", description=f"{DEVICE_HELP}; also used by export and ensemble --soup")
     base_storage: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="LoRA: bf16/fp16 keeps the "
@@ -239,9 +243,9 @@ class TrainConfig(StrictModel):
 class GenerationConfig(StrictModel):
     """How eval (and rating) decode answers; greedy unless temperature > 0."""
 
-    max_new_tokens: int = Field(default=128, ge=1)
+    max_new_tokens: int = Field(default=128, ge=1, description="longest generated answer, in tokens")
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling (with temperature > 0)")
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers a token's logit by "
                                      "this times its count in the answer so far")
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers the logit of every "
@@ -255,7 +259,7 @@ class GenerationConfig(StrictModel):
 class BiasConfig(StrictModel):
     """The counterfactual bias probe: bundled templates x term pairs per attribute, plus your own."""
 
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="run the counterfactual bias probe")
     attributes: list[str] = Field(default=["gender", "ethnicity", "religion", "age", "nationality"],
                                   description="bundled attributes to probe; those your templates_file defines are always probed too")
     templates_file: str | None = Field(default=None, description="YAML of extra templates/terms, merged with the bundled set")

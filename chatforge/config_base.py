@@ -29,7 +29,7 @@ PII_TYPES = ["EMAIL", "PHONE", "CREDIT_CARD", "IBAN", "IP_ADDRESS", "URL_CREDENT
 
 
 class PiiConfig(StrictModel):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="redact PII and secrets")
     types: list[str] = Field(
         default=[t for t in PII_TYPES if t != "PERSON"], description=f"which of {PII_TYPES} to redact"
     )

@@ -91,10 +91,11 @@ class ServeConfig(StrictModel):
     """`chatforge serve`: where it listens, what it stores, how much it takes on."""
 
     run: str | None = Field(default=None, description="run dir (adapter, full or ensemble) or base model to serve")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = Field(default="127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
     db: str = Field(default="sqlite:///chatforge.db", description="SQLAlchemy URL: sqlite:///file.db or postgresql://...")
-    backend: Literal["torch", "llamacpp", "upstream"] = "torch"
+    backend: Literal["torch", "llamacpp", "upstream"] = Field(default="torch", description="torch: the run in this "
+                                                              "process; llamacpp: its GGUF; upstream: forward to upstream_url/upstreams")
     device: DeviceSpec = Field(default="auto", description=f"backend torch: {DEVICE_HELP}")
     upstream_url: str | None = Field(default=None, description="OpenAI-compatible server (vLLM, llama.cpp) for backend upstream")
     gguf: str | None = Field(default=None, description="GGUF file for backend llamacpp (default: the run, exported and cached)")
