@@ -5,8 +5,11 @@ Use it like this::
     cfg = ProjectConfig.load(Path("chatforge.yaml"))      # or ProjectConfig() for the defaults
     prepare(inputs, out, cfg.prepare)
 
-Each CLI flag maps onto one field here; a flag given on the command line wins over the YAML. The YAML mirrors these
-models exactly (unknown keys are an error, so typos are caught), and `chatforge init` writes a commented starter.
+Each CLI flag maps onto one field here, and the field's description is the flag's help (chatforge/cli/options.py):
+to add an option, add a described field and name it in the command's option list. A flag given on the command line
+wins over the YAML. The YAML mirrors these models exactly (unknown keys are an error, so typos are caught), and
+`chatforge init` writes a commented starter. The shared base is in config_base.py, the serve section in
+config_serve.py; both are re-exported here.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ a flag sets has a description (it is the flag's help), so adding an option means
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -108,3 +110,10 @@ def test_options_default_to_not_given_and_map_onto_dotted_fields(monkeypatch: py
     assert seen == {"lr": 0.5, "lora.r": 4, "packing": False, "method": None}
     bad = runner.invoke(local, ["--method", "qlora"])
     assert bad.exit_code == 2 and "qlora" in bad.output
+
+
+def test_the_cli_starts_without_torch_or_sqlalchemy() -> None:
+    """`chatforge --help` stays fast: the commands import torch (+8-10 s) and SQLAlchemy/FastAPI (+3 s) only when run."""
+    code = "import sys, chatforge.cli; print(sorted({'torch', 'sqlalchemy', 'fastapi', 'transformers'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"

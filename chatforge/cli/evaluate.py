@@ -15,8 +15,8 @@ from chatforge.cli.options import ConfigOptions, config_option, field_option
 from chatforge.config import ConfigError, EvalConfig, ServeConfig, merge_overrides
 from chatforge.evaluate.compare import compare
 
-# Imported inside the commands that need them: evaluate.run_eval imports torch (~9 s of startup, 8.9 s measured on
-# this 2-core machine), evaluate.rating and rating_app SQLAlchemy and FastAPI (1.9 and 2.1 s).
+# Imported inside the commands that need them: evaluate.run_eval imports torch (+8-10 s wall, 3 s CPU at startup),
+# evaluate.rating and rating_app SQLAlchemy and FastAPI (+3 s wall, 1 s CPU); see cli/stages.py.
 
 METRIC_ORDER = ["perplexity", "token_accuracy", "bleu", "rouge1", "rouge2", "rougeL", "token_f1", "exact_match",
                 "stopped_rate", "mean_answer_tokens", "accuracy", "macro_f1", "loss"]

@@ -19,8 +19,8 @@ from chatforge.data.card import summary_lines
 from chatforge.demo import write_demo_project
 from chatforge.pipeline import PipelineError, lineage_lines, run_project
 
-# Imported inside the commands that need them: train.loop, evaluate.run_eval and models.export import torch (~9 s of
-# startup, 7.7-9.2 s measured on this 2-core machine), for the exceptions they raise.
+# Imported inside the commands that need them: train.loop, evaluate.run_eval and models.export import torch (+8-10 s
+# wall, 3 s CPU at startup; see cli/stages.py).
 
 
 @app.command()

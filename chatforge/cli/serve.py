@@ -21,8 +21,8 @@ from chatforge.config import ConfigError, ServeConfig, merge_overrides
 from chatforge.serve.keys import printable
 from chatforge.serve.server import uvicorn_config
 
-# Imported inside the functions that need them: serve.app and device import torch (~10 s of startup, 11.9 and 9.9 s
-# measured on this 2-core machine), serve.store and serve.feedback SQLAlchemy (2.1 and 1.4 s).
+# Imported inside the functions that need them: serve.app and device import torch (+8-10 s wall, 3 s CPU at
+# startup), serve.store and serve.feedback SQLAlchemy (+1.4-2 s wall); see cli/stages.py.
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
 feedback_app = typer.Typer(no_args_is_help=True, help="Rated production conversations -> the next training set.")
