@@ -57,7 +57,7 @@ def check_device_spec(spec: str) -> str:
 
 
 DeviceSpec = Annotated[str, AfterValidator(check_device_spec)]
-DEVICE_HELP = "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps"
+DEVICE_HELP = "where the model runs: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps"
 
 
 class ConfigError(ValueError):

@@ -96,7 +96,7 @@ class ServeConfig(StrictModel):
     db: str = Field(default="sqlite:///chatforge.db", description="SQLAlchemy URL: sqlite:///file.db or postgresql://...")
     backend: Literal["torch", "llamacpp", "upstream"] = Field(default="torch", description="torch: the run in this "
                                                               "process; llamacpp: its GGUF; upstream: forward to upstream_url/upstreams")
-    device: DeviceSpec = Field(default="auto", description=f"backend torch: {DEVICE_HELP}")
+    device: DeviceSpec = Field(default="auto", description=f"{DEVICE_HELP} (backend torch)")
     upstream_url: str | None = Field(default=None, description="OpenAI-compatible server (vLLM, llama.cpp) for backend upstream")
     gguf: str | None = Field(default=None, description="GGUF file for backend llamacpp (default: the run, exported and cached)")
     gguf_quant: Literal["q8_0", "f16", "f32"] = Field(default="q8_0", description="how backend llamacpp exports the run")

@@ -139,7 +139,7 @@ def inspect(
                   f"record {records[index].get('id')} from {records[index].get('meta', {}).get('source')}")
 
 
-EnsembleDeviceOption = config_option(TrainConfig, "device", note="(--soup; default train.device)")
+EnsembleDeviceOption = config_option(TrainConfig, "device", note="(default train.device)")
 
 
 @app.command("ensemble")
