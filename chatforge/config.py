@@ -5,25 +5,47 @@ Use it like this::
     cfg = ProjectConfig.load(Path("chatforge.yaml"))      # or ProjectConfig() for the defaults
     prepare(inputs, out, cfg.prepare)
 
-Each CLI flag maps onto one field here; a flag given on the command line wins over the YAML. The YAML mirrors these
-models exactly (unknown keys are an error, so typos are caught), and `chatforge init` writes a commented starter.
+Each CLI flag maps onto one field here, and the field's description is the flag's help (chatforge/cli/options.py):
+to add an option, add a described field and name it in the command's option list. A flag given on the command line
+wins over the YAML. The YAML mirrors these models exactly (unknown keys are an error, so typos are caught), and
+`chatforge init` writes a commented starter. The shared base is in config_base.py, the serve section in
+config_serve.py; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
+# The shared base and the serve section live in their own modules (this file stays under ~400 lines); they are
+# re-exported here so that `from chatforge.config import X` works for every section.
+from chatforge.config_base import (
+    DEVICE_CHOICES,
+    DEVICE_HELP,
+    DEVICE_SPEC,
+    PII_TYPES,
+    ConfigError,
+    DeviceSpec,
+    PiiConfig,
+    StrictModel,
+    check_device_spec,
+    format_validation_error,
+    merge_overrides,
+)
+from chatforge.config_serve import OAuthConfig, SafeguardsConfig, ServeConfig
 
-class StrictModel(BaseModel):
-    """Base for config sections: unknown keys are an error, so a typo in chatforge.yaml never passes silently."""
-
-    model_config = ConfigDict(extra="forbid")
+__all__ = [
+    "DEVICE_CHOICES", "DEVICE_HELP", "DEVICE_SPEC", "PII_TYPES", "AugmentConfig", "BalanceConfig", "BiasConfig",
+    "CleanConfig", "ConfigError", "DataConfig", "DedupConfig", "DeviceSpec", "EarlyStopping", "EvalConfig",
+    "FitConfig", "FormatOptions", "GenerationConfig", "LoraSettings", "OAuthConfig", "PiiConfig", "PrepareConfig",
+    "ProjectConfig", "SafeguardsConfig", "ServeConfig", "SplitConfig", "StrictModel", "TrainConfig",
+    "ValidateConfig", "check_device_spec", "format_validation_error", "merge_overrides", "parse_split",
+    "starter_yaml",
+]
 
 
 class FormatOptions(StrictModel):
@@ -42,7 +64,7 @@ class FormatOptions(StrictModel):
 
 
 class CleanConfig(StrictModel):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="clean the text: unicode, HTML, repeated punctuation")
     unicode_nfkc: bool = True
     strip_html: bool = True
     collapse_punctuation: bool = Field(default=True, description="'!!!!!' -> '!!!', '.....' -> '...'")
@@ -50,27 +72,8 @@ class CleanConfig(StrictModel):
     capitalize: bool = Field(default=False, description="capitalise the first letter of each message")
 
 
-PII_TYPES = ["EMAIL", "PHONE", "CREDIT_CARD", "IBAN", "IP_ADDRESS", "URL_CREDENTIALS", "API_KEY", "SSN", "PERSON"]
-
-
-class PiiConfig(StrictModel):
-    enabled: bool = True
-    types: list[str] = Field(
-        default=[t for t in PII_TYPES if t != "PERSON"], description=f"which of {PII_TYPES} to redact"
-    )
-    person_names: bool = Field(default=False, description="detect person names with Presidio (when installed)")
-
-    @field_validator("types")
-    @classmethod
-    def _known_types(cls, types: list[str]) -> list[str]:
-        unknown = sorted(set(types) - set(PII_TYPES))
-        if unknown:
-            raise ValueError(f"unknown PII types {unknown}; known: {PII_TYPES}")
-        return types
-
-
 class DedupConfig(StrictModel):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="drop exact and near-duplicate conversations")
     exact: bool = True
     near: bool = True
     threshold: float = Field(default=0.85, ge=0.0, le=1.0, description="Jaccard similarity that counts as duplicate")
@@ -79,37 +82,38 @@ class DedupConfig(StrictModel):
 
 
 class FitConfig(StrictModel):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="count tokens and fit every example to max_tokens")
     model: str | None = Field(default=None, description="tokenizer source: HF dir, hub id or .gguf; None = default")
     chat_template: str | None = Field(default=None, description="named template (chatml, gemma, llama3) if needed")
-    max_tokens: int = Field(default=1024, ge=16)
-    overflow: Literal["split", "truncate", "drop"] = "split"
+    max_tokens: int = Field(default=1024, ge=16, description="longest example in tokens")
+    overflow: Literal["split", "truncate", "drop"] = Field(default="split", description="an example past max_tokens: "
+                                                           "split into several, truncate, or drop")
 
 
 class BalanceConfig(StrictModel):
-    enabled: bool = False
+    enabled: bool = Field(default=False, description="balance the categories (see by, target, mode)")
     by: str = Field(default="category", description="meta field that holds the category")
     keyword_rules: dict[str, list[str]] = Field(
         default={}, description="category -> keywords; a record with no category gets the first rule that matches"
     )
     target: Literal["uniform"] | dict[str, float] = Field(default="uniform", description="wanted distribution")
     mode: Literal["cap", "upsample"] = "cap"
-    seed: int = 0
+    seed: int = Field(default=0, description="seed of the up/down-sampling")
 
 
 class AugmentConfig(StrictModel):
-    enabled: bool = False
+    enabled: bool = Field(default=False, description="add augmented copies (typos, swaps, synonyms) of training records")
     copies: int = Field(default=1, ge=1, description="augmented copies per training record")
     typo_rate: float = Field(default=0.03, ge=0.0, le=1.0, description="chance a word gets a character typo")
     swap_rate: float = Field(default=0.03, ge=0.0, le=1.0, description="chance of swapping a word with the next")
     synonym_rate: float = Field(default=0.05, ge=0.0, le=1.0, description="chance a word is replaced by a synonym")
     roles: list[str] = Field(default=["user"], description="which roles' messages are augmented")
-    seed: int = 0
+    seed: int = Field(default=0, description="seed of the augmentation")
 
 
 class SplitConfig(StrictModel):
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    seed: int = 0
+    ratios: tuple[float, float, float] = Field(default=(0.8, 0.1, 0.1), description="train/val/test ratios, e.g. 80/10/10")
+    seed: int = Field(default=0, description="seed of the split")
     stratify_by: str = "category"
 
     @field_validator("ratios", mode="before")
@@ -160,7 +164,8 @@ warnings.filterwarnings("ignore", message='Field name "validate" in "PrepareConf
 class PrepareConfig(StrictModel):
     """Settings of `chatforge prepare`; each step can be switched off."""
 
-    format: str | None = Field(default=None, description="force one input format instead of auto-detection")
+    format: str | None = Field(default=None, description="force one input format instead of auto-detection: openai, "
+                              "sharegpt, alpaca, csv, tsv, chatterbot, transcript or parquet")
     formats: FormatOptions = FormatOptions()
     strict: bool = Field(default=False, description="stop at the first invalid record (exit 2)")
     require_assistant_last: bool = Field(default=True, description="false keeps conversations that end with a user "
@@ -177,7 +182,7 @@ class PrepareConfig(StrictModel):
 
 
 class LoraSettings(StrictModel):
-    r: int = Field(default=16, ge=1)
+    r: int = Field(default=16, ge=1, description="LoRA rank")
     alpha: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.05, ge=0.0, le=1.0)
     target_modules: list[str] | None = Field(default=None, description="None = attention projections of the model")
@@ -192,49 +197,35 @@ class EarlyStopping(StrictModel):
     min_delta: float = Field(default=0.0, ge=0.0, description="smallest val-loss drop that counts as improvement")
 
 
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
-DEVICE_SPEC = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
-
-
-def check_device_spec(spec: str) -> str:
-    """`spec` lower-cased if it names a device kind (see chatforge.device); else ValueError."""
-    normalised = spec.strip().lower()
-    if not DEVICE_SPEC.match(normalised):
-        raise ValueError(f"device {spec!r}: expected {DEVICE_CHOICES}")
-    return normalised
-
-
-DeviceSpec = Annotated[str, AfterValidator(check_device_spec)]
-DEVICE_HELP = "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps"
-
-
 class TrainConfig(StrictModel):
     """Settings of `chatforge train`; the resolved copy is saved in the run directory."""
 
     data: str | None = Field(default=None, description="prepared dataset dir (train.jsonl, val.jsonl)")
-    model: str | None = Field(default=None, description="base model: HF dir, hub id or .gguf; None = default")
+    model: str | None = Field(default=None, description="base model: HF dir, hub id, .gguf or a packaged name; None = "
+                                 "the default, gemma3-270m")
     chat_template: str | None = Field(default=None, description="chat template: a name (chatml, gemma, llama3) or a "
                                       ".jinja file; None = the tokenizer's own, else one its vocabulary fits")
     out: str | None = Field(default=None, description="run directory")
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "full"] = Field(default="lora", description="LoRA adapters on a frozen base, or every weight")
     lora: LoraSettings = LoraSettings()
     merge: bool = Field(default=False, description="export the adapter merged into the base weights")
-    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    train_on: Literal["assistant", "last_assistant", "all"] = Field(default="assistant", description="which tokens "
+                                                                    "carry loss: every assistant turn, the last one, or all")
     max_length: int = Field(default=1024, ge=8, description="tokens per sequence (longer examples are cut)")
     packing: bool = Field(default=True, description="several conversations per sequence, no attention across them")
-    optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = "adamw"
-    lr: float = Field(default=2e-4, gt=0.0)
+    optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = Field(default="adamw", description="optimizer")
+    lr: float = Field(default=2e-4, gt=0.0, description="learning rate (peak, after warmup)")
     weight_decay: float = Field(default=0.0, ge=0.0)
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    schedule: Literal["constant", "linear", "cosine"] = Field(default="cosine", description="learning-rate schedule")
     warmup_steps: int = Field(default=0, ge=0)
     batch_size: int = Field(default=4, ge=1, description="sequences per step per process")
-    grad_accum: int = Field(default=1, ge=1)
-    epochs: float = Field(default=1.0, gt=0.0)
+    grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
+    epochs: float = Field(default=1.0, gt=0.0, description="passes over the train split (fractions allowed)")
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
     max_train_examples: int | None = Field(default=None, ge=1, description="use only the first N train examples")
     max_val_examples: int | None = Field(default=None, ge=1)
     grad_clip: float | None = Field(default=1.0, gt=0.0)
-    seed: int = 0
+    seed: int = Field(default=0, description="seed of initialisation, shuffling and dropout")
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto = bf16 on GPUs that have it")
     device: DeviceSpec = Field(default="auto", description=f"{DEVICE_HELP}; also used by export and ensemble --soup")
     base_storage: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="LoRA: bf16/fp16 keeps the "
@@ -255,9 +246,9 @@ class TrainConfig(StrictModel):
 class GenerationConfig(StrictModel):
     """How eval (and rating) decode answers; greedy unless temperature > 0."""
 
-    max_new_tokens: int = Field(default=128, ge=1)
+    max_new_tokens: int = Field(default=128, ge=1, description="longest generated answer, in tokens")
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling (with temperature > 0)")
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers a token's logit by "
                                      "this times its count in the answer so far")
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers the logit of every "
@@ -271,7 +262,7 @@ class GenerationConfig(StrictModel):
 class BiasConfig(StrictModel):
     """The counterfactual bias probe: bundled templates x term pairs per attribute, plus your own."""
 
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="run the counterfactual bias probe")
     attributes: list[str] = Field(default=["gender", "ethnicity", "religion", "age", "nationality"],
                                   description="bundled attributes to probe; those your templates_file defines are always probed too")
     templates_file: str | None = Field(default=None, description="YAML of extra templates/terms, merged with the bundled set")
@@ -294,118 +285,6 @@ class EvalConfig(StrictModel):
     bias: BiasConfig = BiasConfig()
     label_max_classes: int = Field(default=20, ge=2, description="labels count as a classification task up to this many distinct values")
     device: DeviceSpec = Field(default="auto", description=f"{DEVICE_HELP}; also used by rate")
-
-
-class OAuthConfig(StrictModel):
-    """`serve.oauth`: accept JWT bearer tokens of one OAuth2/OIDC issuer beside API keys.
-
-    serve:
-      oauth: {issuer: https://id.example.com/realms/x, audience: chatforge,
-              jwks_url: https://id.example.com/realms/x/protocol/openid-connect/certs,
-              scopes_claim: scope, scope_map: {"chatforge.chat": chat}, identity_claim: sub}
-    """
-
-    issuer: str = Field(description="the tokens' `iss`, exactly")
-    audience: str = Field(description="the `aud` a token must name")
-    jwks_url: str | None = Field(default=None, description="the issuer's JWKS (fetched, cached, refreshed on an unknown kid)")
-    jwks_file: str | None = Field(default=None, description="a local JWKS file instead of jwks_url")
-    algorithms: list[Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]] = Field(
-        default=["RS256", "ES256"], min_length=1, description="accepted `alg`s (asymmetric only: never none or HS*)")
-    scopes_claim: str = Field(default="scope", description="claim holding the scopes (space-separated or a list; a.b for nested)")
-    scope_map: dict[str, Literal["chat", "feedback", "admin"]] = Field(
-        default={}, description="claim value -> chatforge scope; values named chat/feedback/admin map to themselves")
-    identity_claim: str = Field(default="sub", description="claim naming the caller: rate limits and records key on it")
-    leeway_s: float = Field(default=30.0, ge=0, le=300, description="clock skew allowed on exp/nbf/iat")
-    rpm: int | None = Field(default=60, ge=1, description="requests per minute per identity (null = unlimited)")
-    tpm: int | None = Field(default=20000, ge=1, description="tokens per minute per identity (null = unlimited)")
-    jwks_cache_s: float = Field(default=300.0, gt=0, description="how long a fetched JWKS is trusted")
-    jwks_refresh_min_s: float = Field(default=30.0, ge=0, description="at most one refetch per this many seconds on unknown kids")
-
-    @model_validator(mode="after")
-    def _one_key_source(self) -> OAuthConfig:
-        if (self.jwks_file is None) == (self.jwks_url is None):
-            raise ValueError("set exactly one of serve.oauth.jwks_url and serve.oauth.jwks_file")
-        return self
-
-
-class SafeguardsConfig(StrictModel):
-    """`serve.safeguards`: what the gateway checks in prompts and answers (see chatforge/serve/safeguards.py)."""
-
-    redact_output: bool = Field(default=False, description="replace PII in answers with [TYPE] placeholders (the serve.pii types)")
-    blocklist: list[str] = Field(default=[], description="words or phrases (case-insensitive, whole words) that block a prompt or an answer")
-    patterns: list[str] = Field(default=[], description="RE2 regular expressions (linear time: no backreferences or lookaround) that block a prompt or an answer")
-    check: list[Literal["input", "output"]] = Field(default=["input", "output"], description="where the blocklist and patterns apply")
-    moderation_url: str | None = Field(default=None, description="OpenAI-compatible moderation endpoint, e.g. http://mod:8000/v1/moderations ($CHATFORGE_MODERATION_API_KEY)")
-    moderation_model: str | None = None
-    moderation_timeout_s: float = Field(default=5.0, gt=0)
-    moderation_fail_open: bool = Field(default=False, description="when the moderation endpoint fails: true lets the text through, false blocks it")
-    moderation_chunk_chars: int = Field(default=400, ge=16, description="a stream is moderated (and released) in pieces of this many characters")
-    stream_window_chars: int = Field(default=64, ge=8, description="characters a stream holds back so a match or PII split across tokens is caught before it is sent")
-    refusal: str = Field(default="I can't help with that.", description="the answer that replaces a blocked one (finish_reason content_filter)")
-
-    @field_validator("patterns")
-    @classmethod
-    def _linear_patterns(cls, patterns: list[str]) -> list[str]:
-        import re2  # the serve extra (google-re2); only a config that sets patterns needs it
-
-        for position, pattern in enumerate(patterns):
-            try:
-                re2.compile(pattern)
-            except re2.error as exc:
-                detail = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
-                raise ValueError(f"patterns[{position}] {pattern!r} is not an RE2 expression ({detail}); RE2 runs "
-                                 "in linear time, so it has no backreferences or lookaround") from None
-        return patterns
-
-    @field_validator("blocklist")
-    @classmethod
-    def _non_blank(cls, words: list[str]) -> list[str]:
-        blank = [position for position, word in enumerate(words) if not word.strip()]
-        if blank:
-            raise ValueError(f"blocklist[{blank[0]}] is blank")
-        return words
-
-
-class ServeConfig(StrictModel):
-    """`chatforge serve`: where it listens, what it stores, how much it takes on."""
-
-    run: str | None = Field(default=None, description="run dir (adapter, full or ensemble) or base model to serve")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    db: str = Field(default="sqlite:///chatforge.db", description="SQLAlchemy URL: sqlite:///file.db or postgresql://...")
-    backend: Literal["torch", "llamacpp", "llamaserver", "upstream"] = Field(default="torch", description="torch (in-process engine), llamaserver (llama.cpp's llama-server started by chatforge, the fastest on CPU), llamacpp (llama-cpp-python, one request at a time) or upstream (forward to OpenAI-compatible servers)")
-    threads: int | None = Field(default=None, ge=1, description="CPU threads of the engine (torch or llama-server); None = all cores")
-    device: DeviceSpec = Field(default="auto", description=f"backend torch: {DEVICE_HELP}")
-    upstream_url: str | None = Field(default=None, description="OpenAI-compatible server (vLLM, llama.cpp) for backend upstream")
-    gguf: str | None = Field(default=None, description="GGUF file for backend llamacpp (default: the run, exported and cached)")
-    gguf_quant: Literal["q8_0", "f16", "f32"] = Field(default="q8_0", description="how backends llamacpp and llamaserver export the run")
-    quantize: Literal["none", "int8"] = Field(default="none", description="torch backend: int8 weights for the linear layers and LM head (CPU, dynamic quantisation)")
-    max_batch: int = Field(default=8, ge=1, description="requests decoded together")
-    max_queue: int = Field(default=64, ge=1, description="waiting requests beyond this get 503 + Retry-After")
-    request_timeout_s: float = Field(default=120.0, gt=0)
-    max_body_bytes: int = Field(default=1_000_000, ge=1024, description="larger request bodies get 413")
-    default_max_tokens: int = Field(default=256, ge=1)
-    store_conversations: bool = Field(default=True, description="keep (PII-redacted) conversations for feedback; per request `store: false` opts out")
-    pii: PiiConfig = PiiConfig()
-    # hardening against hostile clients
-    max_tokens_limit: int = Field(default=8192, ge=1, description="max_tokens above this is a 400 (also when the backend's context is unknown)")
-    max_feedback_chars: int = Field(default=8000, ge=1, description="longer feedback corrections or comments are a 400")
-    header_timeout_s: float = Field(default=10.0, gt=0, description="a connection must send its request headers within this")
-    body_timeout_s: float = Field(default=30.0, gt=0, description="a request must send its whole body within this, else 408")
-    keep_alive_s: int = Field(default=5, ge=1, description="idle keep-alive connections close after this")
-    max_connections: int = Field(default=512, ge=1, description="open connections beyond this get 503 (capped below the descriptor limit)")
-    auth_failures_per_address: int = Field(default=20, ge=1, description="failed authentications per minute from one address before 429")
-    auth_failures_per_key: int = Field(default=50, ge=1, description="failed authentications per minute for one key id before 429")
-    feedback_threads: int = Field(default=1, ge=1, description="feedback redactions running at once (worker threads; CPU-bound work holds the GIL, so more starve the event loop)")
-    api_docs: bool = Field(default=False, description="serve /docs, /redoc and /openapi.json (off: they map the API for anyone)")
-    oauth: OAuthConfig | None = Field(default=None, description="accept OAuth2/OIDC JWTs beside API keys")
-
-
-    # --- several replicas and upstreams, output safeguards (docs/deploy.md) ---
-    key_cache_s: float = Field(default=5.0, ge=0, description="seconds a verified key is trusted without the database; a revoke on another replica or the CLI takes effect within it")
-    upstreams: list[str] = Field(default=[], description="OpenAI-compatible servers for backend upstream, least busy healthy one first, with failover (upstream_url adds one)")
-    upstream_health_s: float = Field(default=5.0, gt=0, description="seconds between health checks (GET /models) of each upstream")
-    safeguards: SafeguardsConfig = SafeguardsConfig()
 
 
 class DataConfig(StrictModel):
@@ -444,36 +323,6 @@ class ProjectConfig(StrictModel):
             return cls.model_validate(raw)
         except ValidationError as exc:
             raise ConfigError(f"{path}: {format_validation_error(exc)}") from None
-
-
-class ConfigError(ValueError):
-    """A config file or flag is wrong; the message names the file and the field."""
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem: 'prepare.split.ratios: split '1/2': expected three numbers'."""
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(part) for part in err["loc"])
-        lines.append(f"{where}: {err['msg']}")
-    return "; ".join(lines)
-
-
-def merge_overrides(cfg: BaseModel, overrides: dict[str, Any]) -> Any:
-    """Return a copy of cfg with dotted-path overrides applied (`{"fit.max_tokens": 512}`); None values are ignored."""
-    data = cfg.model_dump()
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    try:
-        return type(cfg).model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
 
 
 def starter_yaml() -> str:

@@ -24,7 +24,6 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 USER_ERROR_EXIT = 2
 DEFAULT_PROJECT_FILE = Path("chatforge.yaml")
-DEVICE_OPTION_HELP = "where the model runs: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps"
 
 
 def fail(message: str) -> None:

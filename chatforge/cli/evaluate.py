@@ -10,39 +10,39 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from chatforge.cli.common import DEVICE_OPTION_HELP, app, console, fail, load_project, log_line
-from chatforge.config import ConfigError, merge_overrides
+from chatforge.cli.common import app, console, fail, load_project, log_line
+from chatforge.cli.options import ConfigOptions, config_option, field_option
+from chatforge.config import ConfigError, EvalConfig, ServeConfig, merge_overrides
+from chatforge.evaluate.compare import compare
+
+# Imported inside the commands that need them: evaluate.run_eval imports torch (+8-10 s wall, 3 s CPU at startup),
+# evaluate.rating and rating_app SQLAlchemy and FastAPI (+3 s wall, 1 s CPU); see cli/stages.py.
 
 METRIC_ORDER = ["perplexity", "token_accuracy", "bleu", "rouge1", "rouge2", "rougeL", "token_f1", "exact_match",
                 "stopped_rate", "mean_answer_tokens", "accuracy", "macro_f1", "loss"]
 
 
+EVAL_OPTIONS = ConfigOptions(EvalConfig, [
+    field_option("data"), field_option("baseline"), field_option("name"), field_option("split"),
+    field_option("max_examples"), field_option("generation.max_new_tokens", "--max-new-tokens"),
+    field_option("generation.temperature", "--temperature"), field_option("generation.top_p", "--top-p"),
+    field_option("generation.batch_size", "--batch-size"), field_option("bias.enabled", "--bias"),
+    field_option("device"),
+])
+
+
 @app.command("eval")
+@EVAL_OPTIONS.add_to
 def eval_command(
     run: Annotated[Path, typer.Argument(help="run directory (adapter, full model or ensemble)")],
-    data: Annotated[str | None, typer.Option(help="dataset dir (default: the one the run trained on)")] = None,
-    baseline: Annotated[str | None, typer.Option(help="base model or run to compare with (default: the run's base; 'none' to skip)")] = None,
-    name: Annotated[str | None, typer.Option(help="RUN/eval/NAME (default: the split)")] = None,
-    split: Annotated[str | None, typer.Option(help="split file to evaluate (default test)")] = None,
-    max_examples: Annotated[int | None, typer.Option(help="evaluate at most this many conversations")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="longest generated answer")] = None,
-    temperature: Annotated[float | None, typer.Option(help="0 = greedy (default)")] = None,
-    top_p: Annotated[float | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option(help="prompts generated together")] = None,
-    bias: Annotated[bool | None, typer.Option("--bias/--no-bias", help="run the counterfactual bias probe")] = None,
-    device: Annotated[str | None, typer.Option(help=DEVICE_OPTION_HELP)] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="project file (default ./chatforge.yaml)")] = None,
+    **options: Any,
 ) -> None:
     """Perplexity, BLEU/ROUGE/F1, labels, a bias probe and a baseline comparison; writes RUN/eval/NAME/report.html."""
-    from chatforge.evaluate.run_eval import EvalError, evaluate_run
+    from chatforge.evaluate.run_eval import EvalError, evaluate_run  # lazy: torch
 
     try:
-        cfg = merge_overrides(load_project(config).eval, {
-            "data": data, "baseline": baseline, "name": name, "split": split, "max_examples": max_examples,
-            "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
-            "generation.top_p": top_p, "generation.batch_size": batch_size, "bias.enabled": bias,
-            "device": device,
-        })
+        cfg = merge_overrides(load_project(config).eval, EVAL_OPTIONS.overrides(options))
         report = evaluate_run(run, cfg, log=log_line)
     except (ConfigError, EvalError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
@@ -82,8 +82,6 @@ def compare_command(
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="add each eval's baseline as a row")] = True,
 ) -> None:
     """The metrics of several runs/ensembles (and their baselines) in one table and one plot."""
-    from chatforge.evaluate.compare import compare
-
     try:
         result = compare(paths, out, baselines=baselines)
     except (FileNotFoundError, ValueError) as exc:
@@ -95,27 +93,27 @@ def compare_command(
         console.print(f"[bold green]wrote[/] {out}/compare.md, compare.json, compare.png", highlight=False)
 
 
+RateDeviceOption = config_option(EvalConfig, "device", note="(default eval.device)")
+RateDbOption = config_option(ServeConfig, "db", note="(default serve.db)")
+
+
 @app.command("rate")
 def rate_command(
     run_a: Annotated[str | None, typer.Argument(help="first run (A)")] = None,
     run_b: Annotated[str | None, typer.Argument(help="second run (B)")] = None,
     data: Annotated[Path | None, typer.Option(help="dataset dir whose split supplies the prompts")] = None,
     results: Annotated[bool, typer.Option("--results", help="print win/tie/loss with 95 % intervals instead of serving")] = False,
-    db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the project database (default serve.db)")] = None,
+    db: RateDbOption = None,
     split: Annotated[str, typer.Option(help="split file of the dataset")] = "test",
     max_items: Annotated[int | None, typer.Option(help="rate at most this many prompts")] = None,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
-    device: Annotated[str | None, typer.Option(help=f"{DEVICE_OPTION_HELP} (default eval.device)")] = None,
+    device: RateDeviceOption = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="project file (default ./chatforge.yaml)")] = None,
 ) -> None:
     """Blind A/B rating by people: a page on localhost shows a prompt and both runs' answers in random order."""
-    from chatforge.evaluate.rating import (
-        build_rating_study,
-        format_results,
-        rating_results,
-    )
-    from chatforge.evaluate.rating_app import serve_rating
+    from chatforge.evaluate.rating import build_rating_study, format_results, rating_results  # lazy: SQLAlchemy
+    from chatforge.evaluate.rating_app import serve_rating  # lazy: FastAPI
 
     try:
         project = load_project(config)

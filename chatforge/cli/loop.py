@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import socket
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from chatforge.cli.common import DEFAULT_PROJECT_FILE, DEVICE_OPTION_HELP, app, console, fail, load_project, log_line
-from chatforge.config import ConfigError, merge_overrides
+from chatforge.cli.common import DEFAULT_PROJECT_FILE, app, console, fail, load_project, log_line
+from chatforge.cli.evaluate import metric_table
+from chatforge.cli.options import config_option
+from chatforge.cli.serve import serve_run
+from chatforge.config import ConfigError, TrainConfig, merge_overrides
+from chatforge.data.card import summary_lines
+from chatforge.demo import write_demo_project
+from chatforge.pipeline import PipelineError, lineage_lines, run_project
+
+# Imported inside the commands that need them: train.loop, evaluate.run_eval and models.export import torch (+8-10 s
+# wall, 3 s CPU at startup; see cli/stages.py).
 
 
 @app.command()
@@ -22,10 +33,8 @@ def demo(
     port: Annotated[int | None, typer.Option(help="port to serve on (default 8000, or a free one when 8000 is taken)")] = None,
 ) -> None:
     """The whole loop on the bundled sample: prepare -> fine-tune -> evaluate against the base -> serve."""
-    from chatforge.demo import write_demo_project
-    from chatforge.evaluate.run_eval import EvalError
-    from chatforge.pipeline import PipelineError, run_project
-    from chatforge.train.loop import TrainError
+    from chatforge.evaluate.run_eval import EvalError  # lazy: torch
+    from chatforge.train.loop import TrainError  # lazy: torch
 
     budget = minutes if minutes is not None else (1.0 if fast else 30.0)
     console.rule(f"chatforge demo ({'tiny model, fast' if fast else 'SmolLM2-135M-Instruct + LoRA'})")
@@ -41,8 +50,6 @@ def demo(
     print_demo_summary(dataset_dir, run_dir, eval_dir)
     console.print(f"project file: {project_file}  (rerun with `chatforge run {project_file}`)", highlight=False)
     if serve or check:
-        from chatforge.cli.serve import serve_run
-
         serve_port = port if port is not None else free_port_near(project.serve.host, project.serve.port)
         serve_cfg = project.serve.model_copy(update={"port": serve_port})
         serve_run(str(run_dir), serve_cfg, demo_key=True, check=check)
@@ -50,8 +57,6 @@ def demo(
 
 def free_port_near(host: str, port: int) -> int:
     """`port` when it is free on `host`, else a free one the system picks (said on the console)."""
-    import socket
-
     with socket.socket() as probe:
         try:
             probe.bind((host, port))
@@ -67,11 +72,6 @@ def free_port_near(host: str, port: int) -> int:
 
 def print_demo_summary(dataset_dir: Path, run_dir: Path, eval_dir: Path) -> None:
     """The card's headline, the metric table with deltas, and where the report is."""
-    import json
-
-    from chatforge.cli.evaluate import metric_table
-    from chatforge.data.card import summary_lines
-
     card = json.loads((dataset_dir / "card.json").read_text(encoding="utf-8"))
     console.rule("dataset")
     for line in summary_lines(card):
@@ -99,9 +99,8 @@ def run_command(
     serve: Annotated[bool, typer.Option("--serve", help="then serve the run (serve: section of the project file)")] = False,
 ) -> None:
     """prepare -> train -> eval (-> serve) from the project file; stages whose inputs and config are unchanged are skipped."""
-    from chatforge.evaluate.run_eval import EvalError
-    from chatforge.pipeline import PipelineError, run_project
-    from chatforge.train.loop import TrainError
+    from chatforge.evaluate.run_eval import EvalError  # lazy: torch
+    from chatforge.train.loop import TrainError  # lazy: torch
 
     path = config_file or DEFAULT_PROJECT_FILE
     if not path.exists():
@@ -115,8 +114,6 @@ def run_command(
         state = "[yellow]skipped[/]" if outcome.skipped else "[green]ran[/]"
         console.print(f"{outcome.stage:8s} {state}  {outcome.out_dir}  ({outcome.reason})", highlight=False)
     if serve:
-        from chatforge.cli.serve import serve_run
-
         run_dir = next(o.out_dir for o in outcomes if o.stage == "train")
         serve_run(str(run_dir), project.serve)
 
@@ -124,8 +121,6 @@ def run_command(
 @app.command("lineage")
 def lineage_command(run: Annotated[Path, typer.Argument(help="run directory")]) -> None:
     """Print the chain behind a run: source files -> dataset -> run -> evals -> exports."""
-    from chatforge.pipeline import PipelineError, lineage_lines
-
     try:
         lines = lineage_lines(run)
     except (PipelineError, ValueError) as exc:
@@ -134,16 +129,19 @@ def lineage_command(run: Annotated[Path, typer.Argument(help="run directory")]) 
         console.print(line, highlight=False, markup=False)
 
 
+ExportDeviceOption = config_option(TrainConfig, "device", note="(for merging; default train.device)")
+
+
 @app.command("export")
 def export_command(
     run: Annotated[Path, typer.Argument(help="run directory")],
     hf: Annotated[Path | None, typer.Option("--hf", help="write a Hugging Face model directory (adapter merged)")] = None,
     gguf: Annotated[Path | None, typer.Option("--gguf", help="write one GGUF file for llama.cpp / Ollama")] = None,
     quant: Annotated[str, typer.Option(help="GGUF weights: f16, q8_0 or f32")] = "q8_0",
-    device: Annotated[str | None, typer.Option(help=f"{DEVICE_OPTION_HELP} (for merging; default train.device)")] = None,
+    device: ExportDeviceOption = None,
 ) -> None:
     """Export a run: a merged HF model directory (--hf) and/or a GGUF with the chat template embedded (--gguf)."""
-    from chatforge.models.export import ExportError, export_gguf, export_hf
+    from chatforge.models.export import ExportError, export_gguf, export_hf  # lazy: torch
 
     if hf is None and gguf is None:
         fail("export needs --hf DIR and/or --gguf FILE")

@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
+import uvicorn
 from rich.markup import escape
 from rich.table import Table
 
-from chatforge.cli.common import DEVICE_OPTION_HELP, app, console, fail, load_project
+from chatforge.cli.common import app, console, fail, load_project
+from chatforge.cli.options import ConfigOptions, config_option, field_option
 from chatforge.config import ConfigError, ServeConfig, merge_overrides
 from chatforge.serve.keys import printable
+from chatforge.serve.server import uvicorn_config
+
+# Imported inside the functions that need them: serve.app and device import torch (+8-10 s wall, 3 s CPU at
+# startup), serve.store and serve.feedback SQLAlchemy (+1.4-2 s wall); see cli/stages.py.
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
 feedback_app = typer.Typer(no_args_is_help=True, help="Rated production conversations -> the next training set.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(feedback_app, name="feedback")
 
-DbOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL (default serve.db: sqlite:///chatforge.db)")]
+DbOption = config_option(ServeConfig, "db", note="(default serve.db)")
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="project file (default ./chatforge.yaml)")]
 
 
@@ -30,36 +38,32 @@ def _serve_config(config: Path | None, overrides: dict[str, Any]) -> ServeConfig
 
 
 def _store(cfg: ServeConfig) -> Any:
-    from chatforge.serve.store import Store
+    from chatforge.serve.store import Store  # lazy: SQLAlchemy
 
     return Store(cfg.db, pii=cfg.pii, auth_cache_s=cfg.key_cache_s)
 
 
+SERVE_OPTIONS = ConfigOptions(ServeConfig, [
+    field_option("host"), field_option("port"), field_option("db"), field_option("backend"),
+    field_option("upstream_url"), field_option("upstreams", "--upstream", note="(repeat --upstream for several)"),
+    field_option("gguf"), field_option("gguf_quant"), field_option("quantize"), field_option("threads"),
+    field_option("max_batch"), field_option("max_queue"),
+    field_option("api_docs"), field_option("device"),
+])
+
+
 @app.command("serve")
+@SERVE_OPTIONS.add_to
 def serve_command(
     run: Annotated[str | None, typer.Argument(help="run dir (adapter, full, ensemble) or base model; default serve.run")] = None,
-    host: Annotated[str | None, typer.Option()] = None,
-    port: Annotated[int | None, typer.Option()] = None,
-    db: DbOption = None,
-    backend: Annotated[str | None, typer.Option(help="torch (default), llamacpp or upstream")] = None,
-    upstream_url: Annotated[str | None, typer.Option(help="OpenAI-compatible server to forward to (backend upstream)")] = None,
-    upstream: Annotated[list[str] | None, typer.Option(help="an upstream server, repeat for several (serve.upstreams: least busy healthy one, failover)")] = None,
-    gguf: Annotated[str | None, typer.Option(help="GGUF file (backend llamacpp; default: RUN exported, cached)")] = None,
-    quantize: Annotated[str | None, typer.Option(help="none (default) or int8: int8 Linear weights (torch, CPU)")] = None,
-    max_batch: Annotated[int | None, typer.Option(help="requests decoded together")] = None,
-    max_queue: Annotated[int | None, typer.Option(help="waiting requests before 503")] = None,
-    api_docs: Annotated[bool | None, typer.Option("--api-docs/--no-api-docs", help="serve /docs, /redoc, /openapi.json")] = None,
-    device: Annotated[str | None, typer.Option(help=f"{DEVICE_OPTION_HELP} (backend torch)")] = None,
     config: ConfigOption = None,
+    **options: Any,
 ) -> None:
     """Serve a run behind an OpenAI-compatible API with keys, rate limits, /metrics, feedback and a chat page."""
     try:
-        cfg = _serve_config(config, {"run": run, "host": host, "port": port, "db": db, "backend": backend,
-                                     "upstream_url": upstream_url, "upstreams": upstream, "gguf": gguf,
-                                     "max_batch": max_batch, "max_queue": max_queue, "api_docs": api_docs,
-                                     "quantize": quantize, "device": device})
+        cfg = _serve_config(config, {"run": run, **SERVE_OPTIONS.overrides(options)})
         if cfg.backend == "torch":
-            from chatforge.device import resolve_device
+            from chatforge.device import resolve_device  # lazy: torch
 
             resolve_device(cfg.device)  # a device this machine lacks: one line now, not a traceback at startup
     except (ConfigError, ValueError) as exc:
@@ -72,11 +76,8 @@ def serve_command(
 def serve_run(run: str, cfg: ServeConfig, demo_key: bool = False, check: bool = False) -> None:
     """Serve `run` under uvicorn until Ctrl-C. `demo_key` makes and prints a fresh key with usage examples;
     `check` answers one chat request with it and stops (what CI runs)."""
-    import uvicorn
-
-    from chatforge.serve.app import create_app
-    from chatforge.serve.server import uvicorn_config
-    from chatforge.serve.store import StoreError
+    from chatforge.serve.app import create_app  # lazy: torch
+    from chatforge.serve.store import StoreError  # lazy: SQLAlchemy
 
     cfg = cfg.model_copy(update={"run": run})
     try:
@@ -85,8 +86,6 @@ def serve_run(run: str, cfg: ServeConfig, demo_key: bool = False, check: bool = 
         application = create_app(cfg, store)
     except (StoreError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the JSON access lines of chatforge.serve.access
     server = uvicorn.Server(uvicorn_config(application, cfg, host=cfg.host, port=cfg.port))
     base = f"http://{cfg.host}:{cfg.port}"
@@ -120,8 +119,6 @@ def print_usage(base: str, secret: str) -> None:
 
 
 def _one_request(server: Any, base: str, secret: str) -> str:
-    import httpx
-
     deadline = time.monotonic() + 120
     while not server.started:
         if time.monotonic() > deadline:
@@ -191,7 +188,7 @@ def feedback_export(
     config: ConfigOption = None,
 ) -> None:
     """Conversations rated up, and rated down with a correction (as the answer), as OpenAI chat JSONL."""
-    from chatforge.serve.feedback import export_feedback
+    from chatforge.serve.feedback import export_feedback  # lazy: SQLAlchemy
 
     try:
         report = export_feedback(_store(_serve_config(config, {"db": db})), out)
