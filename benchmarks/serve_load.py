@@ -209,7 +209,7 @@ def serve_child(config: dict[str, Any]) -> None:
     from chatforge.config import ServeConfig
     from chatforge.serve.app import create_app
 
-    threads = config.pop("threads")
+    threads = config.get("threads")  # serve.threads: torch's pool, or llama-server's --threads
     if threads:
         torch.set_num_threads(threads)
     port = config.pop("port")

