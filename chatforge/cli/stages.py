@@ -109,6 +109,7 @@ def train_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the memory/time estimate only")] = False,
 ) -> None:
     """Fine-tune a base model on a prepared dataset (LoRA or full), with checkpoints, early stopping, TensorBoard."""
+    from chatforge.core.rundir import RunDir
     from chatforge.train.loop import TrainError, train
 
     try:
@@ -128,7 +129,7 @@ def train_command(
     if dry_run or os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
     best = f"{report.best_val_loss:.4f}" if report.best_val_loss is not None else "n/a"
-    console.print(f"[bold green]run ready:[/] {report.run_dir / 'model'}  ({report.steps} of {report.planned_steps} "
+    console.print(f"[bold green]run ready:[/] {RunDir(report.run_dir).model_dir}  ({report.steps} of {report.planned_steps} "
                   f"steps, best val loss {best}{f', stopped by {report.stopped_by}' if report.stopped_by else ''})")
 
 

@@ -32,6 +32,7 @@ from importlib import resources
 from typing import Literal
 from urllib.parse import parse_qs
 
+import uvicorn
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
@@ -64,7 +65,6 @@ class Progress(BaseModel):
 
 class NextItem(BaseModel):
     """The next item for a rater; `done` with no item once they rated them all."""
-
     done: bool
     item_id: int | None = None
     prompt: list[Turn] = []
@@ -92,7 +92,6 @@ def rating_page() -> str:
 
 class AccessTokenMiddleware:
     """Pure ASGI: 401 unless the request carries `token` (query, cookie or bearer); see the module docstring."""
-
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app, self.token = app, token
 
@@ -178,8 +177,6 @@ def serve_rating(
 ) -> None:
     """Serve the rating page for `study_id` (default: the latest study) until interrupted; only the URL it logs
     (with a fresh access token) opens it."""
-    import uvicorn
-
     store = RatingStore(db_url)
     try:
         study = store.study(study_id) if study_id is not None else store.latest_study()
