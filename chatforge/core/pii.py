@@ -159,6 +159,7 @@ def _presidio_persons(text: str, spacy_model: str, min_score: float) -> list[tup
 
 @functools.lru_cache(maxsize=2)
 def _presidio_analyzer(spacy_model: str) -> Any:
+    # lazy: presidio and its spaCy model are an optional extra (names only), seconds to import
     from presidio_analyzer import AnalyzerEngine
     from presidio_analyzer.nlp_engine import NlpEngineProvider
 

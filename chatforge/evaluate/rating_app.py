@@ -65,6 +65,7 @@ class Progress(BaseModel):
 
 class NextItem(BaseModel):
     """The next item for a rater; `done` with no item once they rated them all."""
+
     done: bool
     item_id: int | None = None
     prompt: list[Turn] = []
@@ -92,6 +93,7 @@ def rating_page() -> str:
 
 class AccessTokenMiddleware:
     """Pure ASGI: 401 unless the request carries `token` (query, cookie or bearer); see the module docstring."""
+
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app, self.token = app, token
 

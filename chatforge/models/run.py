@@ -30,18 +30,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from chatforge.core.rundir import RunDir
 from chatforge.device import attention_kwargs, inference_dtype, resolve_device
 from chatforge.models.source import load_tokenizer, model_dir
 from chatforge.models.templates import end_of_turn_token, ensure_chat_template
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -142,8 +140,6 @@ def load_run(
 
 def load_run_tokenizer(files: RunFiles) -> PreTrainedTokenizerBase:
     """The tokenizer a run was trained with, chat template included (RUN/model, or RUN/tokenizer of an ensemble)."""
-    from transformers import AutoTokenizer
-
     if not (files.tokenizer_dir / "tokenizer_config.json").is_file():
         if files.kind == "adapter":  # an adapter saved without its tokenizer: the base's
             return load_tokenizer(adapter_base(files.weights_dir))
@@ -188,8 +184,6 @@ def _load_causal_lm(location: Path | str, dtype: torch.dtype) -> nn.Module:
 def load_causal_lm(location: Path | str, dtype: torch.dtype) -> nn.Module:
     """AutoModelForCausalLM from an HF directory or hub id in `dtype`, with SDPA attention where the architecture
     has it (the one loader of train, eval and serve)."""
-    from transformers import AutoModelForCausalLM
-
     try:
         return AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, **attention_kwargs())
     except ValueError as exc:  # an architecture without SDPA: its default attention
@@ -205,7 +199,7 @@ def _fit_embeddings(model: nn.Module, tokenizer: Any) -> None:
 
 
 def _load_adapter(adapter_dir: Path, tokenizer: Any, dtype: torch.dtype, merge: bool) -> nn.Module:
-    from peft import PeftModel
+    from peft import PeftModel  # lazy: peft is the train extra; serving a full or merged model runs without it
 
     base = _load_causal_lm(model_dir(adapter_base(adapter_dir)), dtype)
     _fit_embeddings(base, tokenizer)
