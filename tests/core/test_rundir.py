@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 import chatforge
-from chatforge.config import LoraSettings, TrainConfig
+from chatforge.config import EvalConfig, LoraSettings, TrainConfig
 from chatforge.core.rundir import RunDir, RunDirError
+from chatforge.evaluate.run_eval import EvalError, evaluate_run
 
 PACKAGE_ROOT = Path(chatforge.__file__).parent
 
@@ -124,3 +125,12 @@ def test_the_join_check_sees_a_planted_join(tmp_path: Path) -> None:
     planted = tmp_path / "planted.py"
     planted.write_text('from pathlib import Path\n\nrun = Path("r")\nmodel = run / "model"\n')
     assert _path_joins_of_layout_names(planted, tmp_path) == ["planted.py:4 / 'model'"]
+
+
+def test_eval_of_a_run_with_a_broken_config_names_the_file(tmp_path: Path) -> None:
+    """Before RunDir, eval read config.yaml as a dict and failed with an AttributeError on a non-mapping file."""
+    run = RunDir(tmp_path / "r1")
+    run.model_dir.mkdir(parents=True)
+    run.config_file.write_text("- not: the train section\n")
+    with pytest.raises(EvalError, match=r"r1/config\.yaml: expected a `train:` section"):
+        evaluate_run(run.path, EvalConfig())
