@@ -168,8 +168,12 @@ class RunDir:
             return None
         try:
             document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise RunDirError(f"{path}: not valid YAML ({exc}); restore it from the run's manifest.json `config`") from exc
+        except yaml.YAMLError as exc:  # one line: the file, the line, the problem
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise RunDirError(f"{where}: not valid YAML ({problem}); restore it from the run's "
+                              f"{MANIFEST_NAME} `config`") from exc
         if not isinstance(document, dict) or not isinstance(document.get(self.TRAIN_SECTION), dict):
             raise RunDirError(f"{path}: expected a `{self.TRAIN_SECTION}:` section with the run's settings")
         try:
@@ -192,5 +196,6 @@ class RunDir:
             raise ValueError(f"{spec_path}: no members; expected a list of {{'run': dir, 'weight': number}}")
         for member in members:
             if not Path(member["run"]).is_dir():
-                raise FileNotFoundError(f"{spec_path}: member run {member['run']} does not exist; was it moved or deleted?")
+                raise FileNotFoundError(f"{spec_path}: member run {member['run']} does not exist; "
+                                        "was it moved or deleted?")
         return spec

@@ -139,7 +139,8 @@ def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = prin
     write_model_card(run_dir)  # RUN/model/README.md now carries these metrics and the bias probe
     _, html_path = write_reports(eval_dir, run_dir)
     manifest.counts.update({"evaluated": len(items), "skipped_no_assistant_turn": skipped})
-    manifest.outputs.update({name: name for name in (RunDir.EVAL_METRICS_FILE, "predictions.jsonl", "report.md", "report.html")})
+    manifest.outputs.update({name: name for name in (RunDir.EVAL_METRICS_FILE, "predictions.jsonl", "report.md",
+                                                     "report.html")})
     manifest.write(eval_dir)
     return EvalReport(eval_dir, metrics, html_path)
 

@@ -118,8 +118,8 @@ def member_files(run: Path) -> RunFiles:
         raise FileNotFoundError(f"{run}: no such run directory")
     files = find_run(run)
     if files is None or files.run_dir is None or not (files.run_dir / MANIFEST_NAME).is_file():
-        raise EnsembleError(f"{run}: not a finished chatforge run (expected {RunDir.MODEL_DIR}/ or {RunDir.ENSEMBLE_FILE} "
-                            f"beside a {MANIFEST_NAME})")
+        raise EnsembleError(f"{run}: not a finished chatforge run (expected {RunDir.MODEL_DIR}/ or "
+                            f"{RunDir.ENSEMBLE_FILE} beside a {MANIFEST_NAME})")
     return RunFiles(files.kind, files.run_dir.resolve(), files.weights_dir.resolve(), files.tokenizer_dir.resolve())
 
 

@@ -64,7 +64,8 @@ class RunMonitor:
             # lazy: tensorboard is an optional extra (train) and slow to import; tensorboard=False runs without it
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(RunDir(run_dir).tensorboard_dir), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(log_dir=str(RunDir(run_dir).tensorboard_dir),
+                                        purge_step=start_step + 1 if start_step else None)
         if sys.stdout.isatty():
             self.progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                                      TextColumn("{task.fields[status]}"), TimeRemainingColumn())
