@@ -15,6 +15,7 @@ from chatforge.cli.evaluate import metric_table
 from chatforge.cli.options import config_option
 from chatforge.cli.serve import serve_run
 from chatforge.config import ConfigError, TrainConfig, merge_overrides
+from chatforge.core.rundir import RunDir
 from chatforge.data.card import summary_lines
 from chatforge.demo import write_demo_project
 from chatforge.pipeline import PipelineError, lineage_lines, run_project
@@ -76,12 +77,12 @@ def print_demo_summary(dataset_dir: Path, run_dir: Path, eval_dir: Path) -> None
     console.rule("dataset")
     for line in summary_lines(card):
         console.print(f"  {line}", highlight=False)
-    counts = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8")).get("counts", {})
+    counts = json.loads(RunDir(run_dir).manifest_file.read_text(encoding="utf-8")).get("counts", {})
     if counts.get("stopped_by") == "time budget":
         console.print(f"[bold red]TRAINING WAS CUT SHORT by the time budget: {counts.get('steps')} of "
                       f"{counts.get('planned_steps')} planned steps.[/] The results below are weaker than the recipe's; "
                       "rerun with a larger --minutes (or on a quieter machine) for the full run.", highlight=False)
-    metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads((eval_dir / RunDir.EVAL_METRICS_FILE).read_text(encoding="utf-8"))
     console.rule("fine-tuned vs base")
     console.print(metric_table(metrics))
     bias = metrics.get("bias")

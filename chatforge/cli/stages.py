@@ -15,6 +15,7 @@ from chatforge.cli.common import DEFAULT_PROJECT_FILE, app, console, fail, load_
 from chatforge.cli.options import ConfigOptions, config_option, field_option
 from chatforge.config import ConfigError, PrepareConfig, TrainConfig, merge_overrides, starter_yaml
 from chatforge.core.records import read_jsonl
+from chatforge.core.rundir import RunDir
 from chatforge.data.card import summary_lines
 from chatforge.data.formats import InputError
 from chatforge.data.prepare import StrictModeError
@@ -99,7 +100,7 @@ def train_command(
     if dry_run or os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
     best = f"{report.best_val_loss:.4f}" if report.best_val_loss is not None else "n/a"
-    console.print(f"[bold green]run ready:[/] {report.run_dir / 'model'}  ({report.steps} of {report.planned_steps} "
+    console.print(f"[bold green]run ready:[/] {RunDir(report.run_dir).model_dir}  ({report.steps} of {report.planned_steps} "
                   f"steps, best val loss {best}{f', stopped by {report.stopped_by}' if report.stopped_by else ''})")
 
 

@@ -42,6 +42,7 @@ import torch
 import yaml
 
 from chatforge.config import BiasConfig
+from chatforge.core.examples import IGNORE, tokenize_conversation
 from chatforge.models.generate import (
     SamplingSettings,
     chat_prompt_ids,
@@ -50,7 +51,6 @@ from chatforge.models.generate import (
 )
 from chatforge.models.run import LoadedRun, forward_step
 from chatforge.models.tokens import pad_token_id
-from chatforge.core.examples import IGNORE, tokenize_conversation
 
 BUNDLED_TEMPLATES = "resources/bias_templates.yaml"
 SENTIMENT_LEXICON = "resources/sentiment_lexicon.txt"

@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+from rich.table import Table
+
+from chatforge.core.rundir import RunDir
 from chatforge.evaluate.plots import compare_png
 from chatforge.evaluate.report import format_value, load_eval, metric_direction, order_metrics
 
@@ -66,9 +70,6 @@ class CompareResult:
 
     def table(self) -> Any:
         """A rich Table: one row per metric, one column per run; the best values per metric in bold green."""
-        from rich.markup import escape
-        from rich.table import Table
-
         table = Table(title="compare", caption=escape("; ".join(self.warnings)) or None)
         table.add_column("metric")
         for row in self.rows:
@@ -89,18 +90,19 @@ def resolve_eval_dir(path: Path) -> Path:
     """`path` itself when it holds metrics.json, else the run dir's newest eval/*/metrics.json's dir."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run or eval dir")
-    if (path / "metrics.json").is_file():
+    if (path / RunDir.EVAL_METRICS_FILE).is_file():
         return path
-    evals = sorted((path / "eval").glob("*/metrics.json"), key=lambda found: (found.stat().st_mtime, str(found)))
+    run = RunDir(path)
+    evals = run.eval_metrics_files()
     if not evals:
-        raise FileNotFoundError(f"{path}: neither an eval dir (no metrics.json) nor a run dir with evals "
-                                f"(no {path / 'eval'}/*/metrics.json); run `chatforge eval {path}` first")
+        raise FileNotFoundError(f"{path}: neither an eval dir (no {RunDir.EVAL_METRICS_FILE}) nor a run dir with evals "
+                                f"(no {run.evals_dir}/*/{RunDir.EVAL_METRICS_FILE}); run `chatforge eval {path}` first")
     return evals[-1].parent
 
 
 def eval_label(eval_dir: Path, info: dict[str, Any]) -> str:
     """RUN/NAME for RUN/eval/NAME, else the dir's own name."""
-    if eval_dir.parent.name == "eval":
+    if RunDir.is_eval_dir(eval_dir):
         return f"{eval_dir.parent.parent.name}/{eval_dir.name}"
     return str(info.get("name") or eval_dir.name)
 

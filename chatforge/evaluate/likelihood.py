@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chatforge.models.run import LoadedRun, forward_step
-from chatforge.models.tokens import pad_token_id
 from chatforge.core.examples import IGNORE, Example, collate
 from chatforge.core.loss import CausalLMLoss
+from chatforge.models.run import LoadedRun, forward_step
+from chatforge.models.tokens import pad_token_id
 
 
 @dataclass

@@ -21,6 +21,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import sacrebleu
+from rouge_score import rouge_scorer
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -56,9 +59,6 @@ def exact_match(prediction: str, reference: str) -> float:
 
 def text_scores(predictions: Sequence[str], references: Sequence[str]) -> TextScores:
     """Corpus and per-sample scores of `predictions` against `references` (same length, same order)."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:

@@ -20,13 +20,15 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure  # no pyplot: no global backend, PNG through Agg
+from matplotlib.patches import Patch
+
 RUN_COLOUR, BASELINE_COLOUR = "#4063d8", "#cb3c33"
 
 
 def figure_png(figure: Any, dpi: int = 100) -> bytes:
     """PNG bytes of a matplotlib Figure, rendered by the Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
@@ -40,8 +42,6 @@ def data_uri(png: bytes) -> str:
 
 def loss_curves_png(train_points: Sequence[tuple[float, float]], val_points: Sequence[tuple[float, float]]) -> bytes:
     """Train loss (thin line, with a moving average when noisy) and val loss (markers, best one ringed) over steps."""
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(8, 3.6), layout="constrained")
     axes = figure.subplots()
     if train_points:
@@ -66,8 +66,6 @@ def loss_curves_png(train_points: Sequence[tuple[float, float]], val_points: Seq
 
 def scores_png(run_scores: dict[str, list[float]], baseline_scores: dict[str, list[float]] | None) -> bytes:
     """One histogram panel per score (values in 0-1): the run's per-sample scores, the baseline's overlaid."""
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(4.2 * len(run_scores), 3.4), layout="constrained")
     panels = figure.subplots(1, len(run_scores), squeeze=False)[0]
     bins = [i / 20 for i in range(21)]
@@ -88,9 +86,6 @@ def compare_png(names: Sequence[str], values_by_metric: dict[str, list[float | N
 
     `directions` maps a metric to -1 (lower is better), +1 (higher is better) or 0 (neither) for the panel titles.
     """
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
     metrics = list(values_by_metric) or ["(no shared metric)"]
     columns = min(4, len(metrics))
     rows = math.ceil(len(metrics) / columns)

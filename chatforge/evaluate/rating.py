@@ -25,8 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from chatforge.config import GenerationConfig
 from chatforge.evaluate.rating_store import DEFAULT_DB_URL, RatingStore, RatingStudy
+from chatforge.models.generate import SamplingSettings, chat_prompt_ids, generate_batch
+from chatforge.models.run import load_run
 
 Z_95 = 1.959963984540054  # the standard normal quantile at 0.975
 
@@ -71,15 +75,6 @@ def study_key(run: str | Path) -> str:
 def generate_answers(run: str, prompts: list[list[dict[str, str]]], generation: GenerationConfig,
                      device: str = "auto") -> list[str]:
     """`run`'s answer to every prompt (on `device`; auto = the GPU when there is one), decoded as `generation` says."""
-    import torch
-
-    from chatforge.models.generate import (
-        SamplingSettings,
-        chat_prompt_ids,
-        generate_batch,
-    )
-    from chatforge.models.run import load_run
-
     loaded = load_run(run, device=device)
     prompt_ids = [chat_prompt_ids(loaded.tokenizer, prompt) for prompt in prompts]
     settings = [SamplingSettings(max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,

@@ -32,6 +32,7 @@ from importlib import resources
 from typing import Literal
 from urllib.parse import parse_qs
 
+import uvicorn
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
@@ -178,8 +179,6 @@ def serve_rating(
 ) -> None:
     """Serve the rating page for `study_id` (default: the latest study) until interrupted; only the URL it logs
     (with a fresh access token) opens it."""
-    import uvicorn
-
     store = RatingStore(db_url)
     try:
         study = store.study(study_id) if study_id is not None else store.latest_study()

@@ -2,7 +2,7 @@
 
 Use it like this (as `chatforge.evaluate.run_eval` does once metrics.json and predictions.jsonl are written)::
 
-    md_path, html_path = write_reports(run_dir / "eval" / "test")              # run dir taken from metrics.json
+    md_path, html_path = write_reports(RunDir(run_dir).eval_dir("test"))              # run dir taken from metrics.json
     write_reports(eval_dir, run_dir=Path("runs/r1"))                          # or named, for the loss curves
 
 It answers "is the fine-tuned model better than the baseline, where, and is it safe to ship?": a verdict, the
@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from chatforge.core.rundir import RunDir
 from chatforge.evaluate.plots import data_uri, loss_curves_png, scores_png
 
 LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
@@ -115,7 +118,7 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
 
 def load_eval(eval_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
     """metrics.json and predictions.jsonl of an eval dir (predictions None when the file is absent), checked."""
-    metrics_path = eval_dir / "metrics.json"
+    metrics_path = eval_dir / RunDir.EVAL_METRICS_FILE
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{eval_dir}: no metrics.json; run `chatforge eval` to write this eval dir")
     try:
@@ -143,7 +146,7 @@ def read_training_curves(run_dir: Path | None) -> tuple[list[tuple[float, float]
     """(train points, val points, note) from RUN/metrics.jsonl; the note says what was found or why nothing was."""
     if run_dir is None:
         return [], [], "No run dir is recorded in metrics.json, so there are no training curves."
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics_file
     if not path.is_file():
         return [], [], f"No training curves: {path} not found (ensembles and base models have none)."
     train, val = [], []
@@ -302,8 +305,6 @@ def build_report(eval_dir: Path, run_dir: Path | None = None) -> Report:
 
 def render_html(report: Report) -> str:
     """report.html: the jinja template with autoescape on, so every user string is escaped."""
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined
-
     environment = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True,
                               undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     environment.filters["metric"] = format_value

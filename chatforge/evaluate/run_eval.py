@@ -25,24 +25,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from chatforge.config import EvalConfig, GenerationConfig
+from chatforge.config import EvalConfig, GenerationConfig, TrainConfig
+from chatforge.core.examples import tokenize_records
 from chatforge.core.records import read_jsonl, write_jsonl
+from chatforge.core.rundir import RunDir
+from chatforge.evaluate.bias import probe_bias
 from chatforge.evaluate.labels import label_metrics
 from chatforge.evaluate.likelihood import masked_likelihood
 from chatforge.evaluate.metrics import text_scores
+from chatforge.evaluate.report import write_reports
 from chatforge.manifest import Manifest
 from chatforge.models.generate import SamplingSettings, chat_prompt_ids, generate_batch
 from chatforge.models.model_card import write_model_card
-from chatforge.models.run import (
-    LoadedRun,
-    find_run,
-    load_run,
-    read_ensemble_spec,
-    stop_token_ids,
-)
-from chatforge.core.examples import tokenize_records
+from chatforge.models.run import LoadedRun, adapter_base, find_run, load_run, stop_token_ids
+from chatforge.models.source import DEFAULT_MODEL
 
 Log = Callable[[str], None]
 LOWER_IS_BETTER = {"loss", "perplexity"}
@@ -75,10 +71,11 @@ def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = prin
     cfg = cfg or EvalConfig()
     files = find_run(run)
     if files is None or files.run_dir is None:
-        raise EvalError(f"{run}: not a chatforge run directory (no model/ or ensemble.json)")
+        raise EvalError(f"{run}: not a chatforge run directory (no {RunDir.MODEL_DIR}/ or {RunDir.ENSEMBLE_FILE})")
     run_dir = files.run_dir
-    train_cfg = run_train_config(run_dir)
-    data_dir = Path(cfg.data or train_cfg.get("data") or "")
+    run_files = RunDir(run_dir)
+    train_cfg = run_train_config(run_files)
+    data_dir = Path(cfg.data or train_cfg.data or "")
     split_path = data_dir / f"{cfg.split}.jsonl"
     if not split_path.is_file():
         raise EvalError(f"{split_path}: missing; pass --data DATASET_DIR (a `chatforge prepare` output with a {cfg.split} split)")
@@ -86,12 +83,12 @@ def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = prin
     items, skipped = eval_items(records)
     if not items:
         raise EvalError(f"{split_path}: no conversation ends with an assistant turn to compare against")
-    eval_dir = run_dir / "eval" / (cfg.name or cfg.split)
+    eval_dir = run_files.eval_dir(cfg.name or cfg.split)
     eval_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.start("eval", config=cfg.model_dump(mode="json"))
     manifest.add_input(split_path)
-    if (run_dir / "manifest.json").is_file():
-        manifest.add_input(run_dir / "manifest.json", role="run")
+    if run_files.manifest_file.is_file():
+        manifest.add_input(run_files.manifest_file, role="run")
 
     with manifest.timed("load"):
         loaded = load_run(run_dir, device=cfg.device)
@@ -99,8 +96,6 @@ def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = prin
     run_side = score_model(loaded, items, cfg, train_cfg, manifest, "run", log)
     bias = None
     if cfg.bias.enabled:
-        from chatforge.evaluate.bias import probe_bias
-
         with manifest.timed("bias"):
             bias = probe_bias(loaded, cfg.bias)
         log(f"bias probe: {bias['flagged_pairs']} of {bias['total_pairs']} pairs flagged")
@@ -120,8 +115,6 @@ def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = prin
         base_side = score_model(baseline, items, cfg, train_cfg, manifest, "baseline", log)
         baseline_info = {"model": str(baseline_spec), "kind": baseline.kind, "metrics": base_side["metrics"]}
         if cfg.bias.enabled:  # the base's own flags, so a user sees which ones fine-tuning introduced
-            from chatforge.evaluate.bias import probe_bias
-
             with manifest.timed("bias_baseline"):
                 bias_baseline = probe_bias(baseline, cfg.bias)
             log(f"bias probe of the base: {bias_baseline['flagged_pairs']} of {bias_baseline['total_pairs']} pairs flagged")
@@ -142,13 +135,12 @@ def evaluate_run(run: Path | str, cfg: EvalConfig | None = None, log: Log = prin
     }
     predictions = prediction_rows(items, run_side, base_side)
     write_jsonl(eval_dir / "predictions.jsonl", predictions)
-    (eval_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True), encoding="utf-8")
+    (eval_dir / RunDir.EVAL_METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=True), encoding="utf-8")
     write_model_card(run_dir)  # RUN/model/README.md now carries these metrics and the bias probe
-    from chatforge.evaluate.report import write_reports
-
     _, html_path = write_reports(eval_dir, run_dir)
     manifest.counts.update({"evaluated": len(items), "skipped_no_assistant_turn": skipped})
-    manifest.outputs.update({name: name for name in ("metrics.json", "predictions.jsonl", "report.md", "report.html")})
+    manifest.outputs.update({name: name for name in (RunDir.EVAL_METRICS_FILE, "predictions.jsonl", "report.md",
+                                                     "report.html")})
     manifest.write(eval_dir)
     return EvalReport(eval_dir, metrics, html_path)
 
@@ -171,13 +163,13 @@ def eval_items(records: list[dict[str, Any]]) -> tuple[list[EvalItem], int]:
 
 
 def score_model(
-    loaded: LoadedRun, items: list[EvalItem], cfg: EvalConfig, train_cfg: dict[str, Any], manifest: Manifest,
+    loaded: LoadedRun, items: list[EvalItem], cfg: EvalConfig, train_cfg: TrainConfig, manifest: Manifest,
     side: str, log: Log,
 ) -> dict[str, Any]:
     """Likelihood, generation and text scores of one model on the items."""
     with manifest.timed(f"{side}_likelihood"):
-        examples = tokenize_records([i.record for i in items], loaded.tokenizer, train_cfg.get("train_on", "assistant"),
-                                    int(train_cfg.get("max_length", 1024)))
+        examples = tokenize_records([i.record for i in items], loaded.tokenizer, train_cfg.train_on,
+                                    train_cfg.max_length)
         likelihood = masked_likelihood(loaded, examples, cfg.batch_size)
     gen = cfg.generation
     settings = SamplingSettings(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
@@ -249,29 +241,21 @@ def deltas(run: dict[str, float], baseline: dict[str, float]) -> dict[str, float
     return {key: run[key] - baseline[key] for key in run if key in baseline}
 
 
-def run_train_config(run_dir: Path) -> dict[str, Any]:
-    """The train section of RUN/config.yaml (an ensemble: its first member's), or {} when there is none."""
-    path = run_dir / "config.yaml"
-    if not path.is_file() and (run_dir / "ensemble.json").is_file():
-        path = Path(read_ensemble_spec(run_dir)["members"][0]["run"]) / "config.yaml"
-    if not path.is_file():
-        return {}
-    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("train", {})
+def run_train_config(run: RunDir) -> TrainConfig:
+    """The settings RUN was trained with (an ensemble: its first member's); TrainConfig's defaults for a run that
+    has no config.yaml (a weight-averaged soup). An invalid config.yaml is an EvalError naming the file."""
+    try:
+        return run.train_config_or_none() or TrainConfig()
+    except (ValueError, FileNotFoundError) as exc:  # RunDirError, or an ensemble whose members are gone
+        raise EvalError(str(exc)) from exc
 
 
-def base_model_of(run_dir: Path, train_cfg: dict[str, Any]) -> str | None:
+def base_model_of(run_dir: Path, train_cfg: TrainConfig) -> str | None:
     """What the run was trained from: the adapter's base directory, else the train config's model (None = default)."""
-    from chatforge.models.run import adapter_base
-
     files = find_run(run_dir)
     if files is not None and files.kind == "adapter":
         return adapter_base(files.weights_dir)
-    model = train_cfg.get("model")
-    if model:
-        return str(model)
-    from chatforge.models.source import DEFAULT_MODEL
-
-    return DEFAULT_MODEL
+    return str(train_cfg.model) if train_cfg.model else DEFAULT_MODEL
 
 
 def load_baseline(spec: str, run_tokenizer: Any, run_template: str, device: str = "auto") -> LoadedRun:

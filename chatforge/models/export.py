@@ -18,7 +18,9 @@ so `chatforge lineage RUN` lists it.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -27,7 +29,8 @@ from typing import Any
 
 import torch
 
-from chatforge.manifest import MANIFEST_NAME, Manifest, sha256_file
+from chatforge.core.rundir import RunDir
+from chatforge.manifest import Manifest, sha256_file
 from chatforge.models.llamacpp_build import (
     LLAMA_CPP_PYTHON_VERSION,
     LlamaCppBuildError,
@@ -60,15 +63,16 @@ def export_hf(run: Path | str, out_dir: Path, device: str = "auto") -> Path:
 def _single_model_run(run: Path | str) -> Any:
     files = find_run(run)
     if files is None or files.run_dir is None:
-        raise ExportError(f"{run}: not a chatforge run directory (no model/ or ensemble.json)")
+        raise ExportError(f"{run}: not a chatforge run directory (no {RunDir.MODEL_DIR}/ or {RunDir.ENSEMBLE_FILE})")
     if files.kind == "ensemble":
         raise ExportError(f"{run}: a probability ensemble is several models; export a --soup ensemble or one member")
     return files
 
 
 def _save_hf(files: Any, out_dir: Path, manifest: Manifest, device: str = "auto") -> None:
-    if (files.run_dir / MANIFEST_NAME).is_file():
-        manifest.add_input(files.run_dir / MANIFEST_NAME, role="run")
+    run = RunDir(files.run_dir)
+    if run.manifest_file.is_file():
+        manifest.add_input(run.manifest_file, role="run")
     with manifest.timed("load_merge"):
         loaded = load_run(files.run_dir, dtype=torch.float32, device=device)  # fp32: the export loses nothing
     model = loaded.model
@@ -78,7 +82,7 @@ def _save_hf(files: Any, out_dir: Path, manifest: Manifest, device: str = "auto"
     with manifest.timed("save"):
         model.save_pretrained(out_dir)
         loaded.tokenizer.save_pretrained(out_dir)
-    card = files.run_dir / "model" / CARD_FILE
+    card = run.model_dir / CARD_FILE
     if card.is_file():  # the run's model card (models.model_card), not a stub from save_pretrained
         shutil.copy2(card, out_dir / CARD_FILE)
 
@@ -143,8 +147,6 @@ _STRING, _ARRAY = 8, 9
 def read_gguf_metadata(path: Path, keys: set[str]) -> dict[str, Any]:
     """The scalar or string values of `keys` from a GGUF header (other values, such as the 262k-entry token list,
     are skipped without being decoded: gguf.GGUFReader takes ~50 s on such a file, this well under a second)."""
-    import struct
-
     found: dict[str, Any] = {}
     with path.open("rb") as handle:
         def read(fmt: str) -> Any:
@@ -194,15 +196,13 @@ def llama_cpp_converter() -> Path:
 
 
 def _clean_env() -> dict[str, str]:
-    import os
-
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def _record(manifest: Manifest, run_dir: Path, out_dir: Path, name: str | None = None) -> None:
     """Write the manifest next to the output and under RUN/exports/NAME/ for lineage."""
     manifest.write(out_dir)
-    record_dir = run_dir / "exports" / (name or out_dir.name)
+    record_dir = RunDir(run_dir).export_dir(name or out_dir.name)
     record_dir.mkdir(parents=True, exist_ok=True)
     manifest.write(record_dir)
 

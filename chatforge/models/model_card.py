@@ -21,6 +21,9 @@ from typing import Any
 
 import yaml
 
+from chatforge.config import TrainConfig
+from chatforge.core.rundir import RunDir
+
 CARD_FILE = "README.md"
 # Base models whose licence and hub id chatforge knows (the packaged default and the documented alternatives).
 KNOWN_BASES = {
@@ -33,7 +36,7 @@ CARD_METRICS = ["perplexity", "token_accuracy", "bleu", "rougeL", "token_f1", "e
 
 def write_model_card(run_dir: Path) -> Path | None:
     """Write RUN/model/README.md from the run's files (see the module docstring); None when RUN/model is absent."""
-    model_dir = run_dir / "model"
+    model_dir = RunDir(run_dir).model_dir
     if not model_dir.is_dir():
         return None
     card = model_card_text(run_dir)
@@ -51,14 +54,15 @@ def read_front_matter(text: str) -> dict[str, Any]:
 
 def model_card_text(run_dir: Path) -> str:
     """The whole card: front matter and body."""
-    train = _read_yaml(run_dir / "config.yaml").get("train", {})
-    manifest = _read_json(run_dir / "manifest.json")
+    run = RunDir(run_dir)
+    train = run.train_config_or_none()  # None: a soup, which has no config.yaml
+    manifest = _read_json(run.manifest_file)
     lineage = manifest.get("lineage") or {}
-    dataset_dir = Path(lineage.get("dataset_dir") or train.get("data") or "")
+    dataset_dir = Path(lineage.get("dataset_dir") or (train and train.data) or "")
     data_card = _read_json(dataset_dir / "card.json") if str(dataset_dir) not in ("", ".") else {}
     evaluation = newest_eval(run_dir)
-    base = describe_base(lineage.get("base_model") or {}, train.get("model") or ("gemma-3-270m" if train else "unknown"))
-    is_adapter = (run_dir / "model" / "adapter_config.json").is_file()
+    base = describe_base(lineage.get("base_model") or {}, (train.model or "gemma-3-270m") if train else "unknown")
+    is_adapter = (run.model_dir / "adapter_config.json").is_file()
     front = front_matter(run_dir.name, base, is_adapter, dataset_dir.name or "unknown", train, evaluation)
     body = [
         f"# {run_dir.name}",
@@ -90,11 +94,11 @@ def describe_base(fingerprint: dict[str, Any], spec: str | None) -> dict[str, st
 
 def newest_eval(run_dir: Path) -> dict[str, Any] | None:
     """The metrics.json of the run's most recent evaluation (RUN/eval/NAME/), or None."""
-    found = sorted((run_dir / "eval").glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    found = RunDir(run_dir).eval_metrics_files()
     return _read_json(found[-1]) if found else None
 
 
-def front_matter(name: str, base: dict[str, str], is_adapter: bool, dataset: str, train: dict[str, Any],
+def front_matter(name: str, base: dict[str, str], is_adapter: bool, dataset: str, train: TrainConfig | None,
                  evaluation: dict[str, Any] | None) -> dict[str, Any]:
     """The card's YAML metadata (the Hugging Face model-card fields)."""
     front: dict[str, Any] = {
@@ -103,7 +107,7 @@ def front_matter(name: str, base: dict[str, str], is_adapter: bool, dataset: str
         "library_name": "peft" if is_adapter else "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["chatforge", "text-generation", "conversational", "sft",
-                 *(["lora"] if train.get("method", "lora") == "lora" else ["full-fine-tune"])],
+                 *(["lora"] if train is None or train.method == "lora" else ["full-fine-tune"])],
         "datasets": [dataset],
     }
     if evaluation:
@@ -161,23 +165,29 @@ def _data_section(dataset_dir: Path, card: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _training_section(train: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
-    lora = train.get("lora") or {}
+def _training_section(train: TrainConfig | None, manifest: dict[str, Any]) -> list[str]:
     counts = manifest.get("counts", {})
+    settings: list[tuple[str, Any]] = []
+    if train is not None:
+        lora = train.lora
+        settings = [
+            ("method", train.method),
+            ("LoRA", f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets="
+                     f"{lora.target_modules or 'attention projections'}" if train.method == "lora" else None),
+            ("loss on", train.train_on), ("max length", train.max_length), ("packing", train.packing),
+            ("optimizer", f"{train.optimizer}, lr {train.lr}, {train.schedule} schedule"),
+            ("batch", f"{train.batch_size} x grad_accum {train.grad_accum}"),
+        ]
     rows = [
-        ("method", train.get("method")),
-        ("LoRA", f"r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, targets="
-                 f"{lora.get('target_modules') or 'attention projections'}" if train.get("method") == "lora" else None),
-        ("loss on", train.get("train_on")), ("max length", train.get("max_length")), ("packing", train.get("packing")),
-        ("optimizer", f"{train.get('optimizer')}, lr {train.get('lr')}, {train.get('schedule')} schedule"),
-        ("batch", f"{train.get('batch_size')} x grad_accum {train.get('grad_accum')}"),
+        *settings,
         ("steps", counts.get("steps")), ("trained tokens", counts.get("tokens_seen")),
-        ("best val loss", _fmt(counts.get("best_val_loss"))), ("precision", train.get("precision")),
-        ("frozen base storage", train.get("base_storage")), ("seed", train.get("seed")),
+        ("best val loss", _fmt(counts.get("best_val_loss"))),
+        *([("precision", train.precision), ("frozen base storage", train.base_storage), ("seed", train.seed)]
+          if train is not None else []),
     ]
     lines = ["## Training procedure", "", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in rows if value is not None]
-    return lines + ["", "The full resolved configuration is `config.yaml` in the run directory.", ""]
+    return lines + ["", f"The full resolved configuration is `{RunDir.CONFIG_FILE}` in the run directory.", ""]
 
 
 def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
@@ -254,11 +264,4 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except json.JSONDecodeError:
-        return {}
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
-    except yaml.YAMLError:
         return {}

@@ -30,23 +30,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from chatforge.core.rundir import RunDir
 from chatforge.device import attention_kwargs, inference_dtype, resolve_device
-from chatforge.manifest import MANIFEST_NAME
 from chatforge.models.source import load_tokenizer, model_dir
 from chatforge.models.templates import end_of_turn_token, ensure_chat_template
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-ENSEMBLE_FILE = "ensemble.json"
-RUN_MODEL_DIR = "model"
-ENSEMBLE_TOKENIZER_DIR = "tokenizer"
-TEMPLATE_FILE = "chat_template.jinja"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -81,10 +75,11 @@ def find_run(path: Path | str) -> RunFiles | None:
     directory = Path(path).expanduser()
     if not directory.is_dir():
         return None
-    if (directory / ENSEMBLE_FILE).is_file():
-        return RunFiles("ensemble", directory, directory, directory / ENSEMBLE_TOKENIZER_DIR)
-    if (directory / RUN_MODEL_DIR).is_dir():
-        return _run_files(directory, directory / RUN_MODEL_DIR)
+    run = RunDir(directory)
+    if run.is_ensemble():
+        return RunFiles("ensemble", directory, directory, run.ensemble_tokenizer_dir)
+    if run.has_model():
+        return _run_files(directory, run.model_dir)
     if _is_run_model_dir(directory):
         return _run_files(directory.parent, directory)
     if (directory / ADAPTER_CONFIG).is_file():  # an adapter saved outside chatforge
@@ -99,7 +94,7 @@ def _run_files(run_dir: Path | None, weights_dir: Path) -> RunFiles:
 
 def _is_run_model_dir(directory: Path) -> bool:
     """True for RUN/model given directly: its parent's manifest names it as the run's model."""
-    manifest_path = directory.parent / MANIFEST_NAME
+    manifest_path = RunDir(directory.parent).manifest_file
     if not manifest_path.is_file():
         return False
     try:
@@ -145,14 +140,12 @@ def load_run(
 
 def load_run_tokenizer(files: RunFiles) -> PreTrainedTokenizerBase:
     """The tokenizer a run was trained with, chat template included (RUN/model, or RUN/tokenizer of an ensemble)."""
-    from transformers import AutoTokenizer
-
     if not (files.tokenizer_dir / "tokenizer_config.json").is_file():
         if files.kind == "adapter":  # an adapter saved without its tokenizer: the base's
             return load_tokenizer(adapter_base(files.weights_dir))
         raise FileNotFoundError(f"{files.tokenizer_dir}: no tokenizer saved; is this a finished chatforge run?")
     tokenizer = AutoTokenizer.from_pretrained(files.tokenizer_dir)
-    template_file = (files.run_dir / TEMPLATE_FILE) if files.run_dir else None
+    template_file = RunDir(files.run_dir).template_file if files.run_dir else None
     if not tokenizer.chat_template and template_file is not None and template_file.is_file():
         tokenizer.chat_template = template_file.read_text(encoding="utf-8")
     ensure_chat_template(tokenizer)
@@ -191,8 +184,6 @@ def _load_causal_lm(location: Path | str, dtype: torch.dtype) -> nn.Module:
 def load_causal_lm(location: Path | str, dtype: torch.dtype) -> nn.Module:
     """AutoModelForCausalLM from an HF directory or hub id in `dtype`, with SDPA attention where the architecture
     has it (the one loader of train, eval and serve)."""
-    from transformers import AutoModelForCausalLM
-
     try:
         return AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, **attention_kwargs())
     except ValueError as exc:  # an architecture without SDPA: its default attention
@@ -208,7 +199,7 @@ def _fit_embeddings(model: nn.Module, tokenizer: Any) -> None:
 
 
 def _load_adapter(adapter_dir: Path, tokenizer: Any, dtype: torch.dtype, merge: bool) -> nn.Module:
-    from peft import PeftModel
+    from peft import PeftModel  # lazy: peft is the train extra; serving a full or merged model runs without it
 
     base = _load_causal_lm(model_dir(adapter_base(adapter_dir)), dtype)
     _fit_embeddings(base, tokenizer)
@@ -220,7 +211,7 @@ def _load_base(path: Path | str, dtype: torch.dtype) -> tuple[nn.Module, PreTrai
     directory = Path(path).expanduser()
     if directory.is_dir() and not (directory / "config.json").is_file() and not any(directory.glob("*.gguf")):
         raise FileNotFoundError(
-            f"{directory}: not a finished chatforge run (no {RUN_MODEL_DIR}/ or {ENSEMBLE_FILE}) "
+            f"{directory}: not a finished chatforge run (no {RunDir.MODEL_DIR}/ or {RunDir.ENSEMBLE_FILE}) "
             "nor a model directory (no config.json or .gguf)"
         )
     spec = str(path)
@@ -230,24 +221,11 @@ def _load_base(path: Path | str, dtype: torch.dtype) -> tuple[nn.Module, PreTrai
     return model, tokenizer
 
 
-def read_ensemble_spec(run_dir: Path) -> dict[str, Any]:
-    """RUN/ensemble.json: {"method": "probability_average", "members": [{"run": abs dir, "weight": w}, ...]}."""
-    spec_path = run_dir / ENSEMBLE_FILE
-    spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    members = spec.get("members")
-    if not isinstance(members, list) or not members:
-        raise ValueError(f"{spec_path}: no members; expected a list of {{'run': dir, 'weight': number}}")
-    for member in members:
-        if not Path(member["run"]).is_dir():
-            raise FileNotFoundError(f"{spec_path}: member run {member['run']} does not exist; was it moved or deleted?")
-    return spec
-
-
 def _load_ensemble(
     files: RunFiles, dtype: torch.dtype, device: str | torch.device, merge_adapter: bool
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     assert files.run_dir is not None
-    spec = read_ensemble_spec(files.run_dir)
+    spec = RunDir(files.run_dir).ensemble_spec()
     members = [load_run(m["run"], dtype, device, merge_adapter).model for m in spec["members"]]
     weights = [float(m["weight"]) for m in spec["members"]]
     return EnsembleModel(members, weights), load_run_tokenizer(files)

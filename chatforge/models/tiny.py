@@ -17,6 +17,19 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    AutoTokenizer,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from chatforge.models.templates import CHAT_TEMPLATES, end_of_turn_token
+
 SPECIAL_TOKENS = [
     "<pad>",
     "<eos>",
@@ -174,11 +187,6 @@ def build_tiny_tokenizer(
     style "bytelevel": GPT-2-like byte-level BPE (any text round-trips). style "sentencepiece": Gemma's layout,
     spaces normalised to '▁', BPE over whole lines (an inert Split pre-tokenizer), unknown characters -> <unk>.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from chatforge.models.templates import CHAT_TEMPLATES
-
     if style == "bytelevel":
         backend = Tokenizer(models.BPE(unk_token="<unk>"))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -222,11 +230,6 @@ def build_tiny_tokenizer(
 
 def build_tiny_llama(out_dir: Path, tokenizer_dir: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
     """Save a random-init LlamaForCausalLM (tied embeddings) sized to the tokenizer, together with the tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from chatforge.models.templates import end_of_turn_token
-
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -257,9 +260,6 @@ def build_tiny_gemma3(out_dir: Path, tokenizer_dir: Path, hidden: int = 64, seed
     """A random-init 6-layer Gemma3ForCausalLM (five sliding-window layers, then one full: Gemma 3's pattern, and
     head_dim 256, both of which GGUF readers assume) sized to the tokenizer —
     with the real Gemma tokenizer, a stand-in for the default model that tools made for Gemma accept."""
-    import torch
-    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
-
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = Gemma3TextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=6,

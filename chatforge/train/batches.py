@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from chatforge.core.examples import Example
 
+
 def pack_examples(examples: Sequence[Example], max_length: int) -> list[list[int]]:
     """Group example indices into bins of at most max_length tokens (first-fit decreasing, deterministic)."""
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))

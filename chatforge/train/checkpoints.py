@@ -2,8 +2,8 @@
 
 Use it like this::
 
-    save_checkpoint(run / "checkpoints", step, model, optimizer, scheduler, state={"cursor": 40, ...}, keep=2)
-    path = latest_checkpoint(run / "checkpoints")          # None when there is none
+    save_checkpoint(run.checkpoints_dir, step, model, optimizer, scheduler, state={"cursor": 40, ...}, keep=2)
+    path = latest_checkpoint(run.checkpoints_dir)          # None when there is none (run: a core.rundir.RunDir)
     state = load_checkpoint(path, model, optimizer, scheduler)
 
 A checkpoint is written to a temporary folder and renamed into place, so a kill mid-write never leaves a half
@@ -24,8 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from chatforge.core.rundir import RunDir
+
 STEP_PREFIX = "step-"
-BEST = "best"
+BEST = RunDir.BEST_CHECKPOINT
 WEIGHTS = "trainable.safetensors"
 
 

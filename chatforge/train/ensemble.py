@@ -20,19 +20,15 @@ and costs one model at inference; it works when the runs stayed close to that ba
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from chatforge.core.rundir import RunDir
 from chatforge.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_file
 from chatforge.models.run import (
-    ENSEMBLE_FILE,
-    ENSEMBLE_TOKENIZER_DIR,
-    RUN_MODEL_DIR,
-    TEMPLATE_FILE,
     RunFiles,
     find_run,
     load_run,
@@ -90,18 +86,18 @@ def make_ensemble(runs: list[Path], out: Path, weights: list[float] | None = Non
         with manifest.timed("average_weights"):
             model = average_weights(members, shares, device)  # before anything is written: a mismatch leaves no half run
     out.mkdir(parents=True, exist_ok=True)
-    (out / TEMPLATE_FILE).write_text(tokenizer.chat_template, encoding="utf-8")
+    run = RunDir(out)
+    run.template_file.write_text(tokenizer.chat_template, encoding="utf-8")
     if soup:
-        model.save_pretrained(out / RUN_MODEL_DIR)
-        tokenizer.save_pretrained(out / RUN_MODEL_DIR)
-        manifest.outputs = {"model": RUN_MODEL_DIR, "kind": "full", "chat_template": TEMPLATE_FILE}
+        model.save_pretrained(run.model_dir)
+        tokenizer.save_pretrained(run.model_dir)
+        manifest.outputs = {"model": RunDir.MODEL_DIR, "kind": "full", "chat_template": RunDir.TEMPLATE_FILE}
     else:
-        spec = {"method": "probability_average",
-                "members": [{"run": str(m.run_dir), "weight": w} for m, w in zip(members, shares)]}
-        (out / ENSEMBLE_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
-        tokenizer.save_pretrained(out / ENSEMBLE_TOKENIZER_DIR)
-        manifest.outputs = {"ensemble": ENSEMBLE_FILE, "kind": "ensemble", "tokenizer": ENSEMBLE_TOKENIZER_DIR,
-                            "chat_template": TEMPLATE_FILE}
+        run.write_ensemble_spec({"method": "probability_average",
+                                 "members": [{"run": str(m.run_dir), "weight": w} for m, w in zip(members, shares)]})
+        tokenizer.save_pretrained(run.ensemble_tokenizer_dir)
+        manifest.outputs = {"ensemble": RunDir.ENSEMBLE_FILE, "kind": "ensemble",
+                            "tokenizer": RunDir.ENSEMBLE_TOKENIZER_DIR, "chat_template": RunDir.TEMPLATE_FILE}
 
     lineage_members = []
     for files, share in zip(members, shares):
@@ -122,8 +118,8 @@ def member_files(run: Path) -> RunFiles:
         raise FileNotFoundError(f"{run}: no such run directory")
     files = find_run(run)
     if files is None or files.run_dir is None or not (files.run_dir / MANIFEST_NAME).is_file():
-        raise EnsembleError(f"{run}: not a finished chatforge run (expected {RUN_MODEL_DIR}/ or {ENSEMBLE_FILE} "
-                            f"beside a {MANIFEST_NAME})")
+        raise EnsembleError(f"{run}: not a finished chatforge run (expected {RunDir.MODEL_DIR}/ or "
+                            f"{RunDir.ENSEMBLE_FILE} beside a {MANIFEST_NAME})")
     return RunFiles(files.kind, files.run_dir.resolve(), files.weights_dir.resolve(), files.tokenizer_dir.resolve())
 
 
@@ -143,7 +139,7 @@ def shared_tokenizer(members: list[RunFiles]) -> Any:
         if tokenizer.chat_template != first.chat_template:
             raise EnsembleError(
                 f"{files.run_dir}: its chat template differs from {members[0].run_dir}'s; ensemble members must "
-                f"format conversations the same way (compare their {TEMPLATE_FILE})"
+                f"format conversations the same way (compare their {RunDir.TEMPLATE_FILE})"
             )
     return first
 

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from chatforge.config import TrainConfig
-from chatforge.device import resolve_device, training_dtype
 from chatforge.core.examples import Example
 from chatforge.core.loss import causal_lm_of, loss_chunk_rows
+from chatforge.device import resolve_device, training_dtype
 from chatforge.train.model import count_parameters
 
 EFFICIENCY = 0.5  # fraction of the measured matmul speed a training step reaches (checked on Gemma 270M here)

@@ -19,19 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from peft import PeftModel
 
 from chatforge.config import TrainConfig
-from chatforge.manifest import Manifest, sha256_file
+from chatforge.core.rundir import RunDir
+from chatforge.manifest import MANIFEST_NAME, Manifest, sha256_file
 from chatforge.models.model_card import write_model_card
+from chatforge.models.run import stop_token_ids
+from chatforge.models.source import file_sha256, resolve_model_source
 from chatforge.train.model import load_base_model
 
 
 def base_model_fingerprint(spec: str | None, base_location: Any) -> dict[str, Any]:
     """How to tell later which base a run was trained from: the GGUF's sha256, or a hash of the dir's config and
     weight file sizes (hashing GBs of weights on every run would cost more than it tells)."""
-    from chatforge.models.source import file_sha256, resolve_model_source
-
     source = resolve_model_source(spec)
     if source.kind == "gguf":
         return {"kind": "gguf", "path": source.location, "sha256": file_sha256(Path(source.location)),
@@ -47,15 +48,14 @@ def base_model_fingerprint(spec: str | None, base_location: Any) -> dict[str, An
 
 def write_run_files(run_dir: Path, cfg: TrainConfig, tokenizer: Any, base_location: Any) -> None:
     """The resolved config and the exact chat template, written before the first step."""
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": cfg.model_dump(mode="json")}, sort_keys=False))
-    (run_dir / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+    run = RunDir(run_dir)
+    run.write_train_config(cfg)
+    run.template_file.write_text(tokenizer.chat_template, encoding="utf-8")
 
 
 def merge_into_fp32_base(model: Any, base_location: Any, tokenizer: Any) -> Any:
     """The trained adapter merged into the original fp32 base (not the 16-bit copy it trained on, train.lowmem), so
     the merged model computes exactly what the base + adapter loaded with peft compute."""
-    from peft import PeftModel  # the train extra
-
     base = load_base_model(base_location, torch.float32)
     if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(len(tokenizer))
@@ -69,7 +69,8 @@ def export_run(
     final: dict[str, Any], best_val_loss: float | None,
 ) -> Path:
     """Save RUN/model (adapter, merged or full) with the tokenizer, and RUN/manifest.json with the lineage."""
-    out = run_dir / "model"
+    run = RunDir(run_dir)
+    out = run.model_dir
     out.mkdir(parents=True, exist_ok=True)
     is_adapter = hasattr(model, "peft_config")
     if is_adapter and cfg.merge:
@@ -77,8 +78,6 @@ def export_run(
         is_adapter = False
     if not is_adapter and getattr(model, "generation_config", None) is not None:
         # plain `generate` should stop where the chat template ends a turn, not only at eos
-        from chatforge.models.run import stop_token_ids
-
         model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -87,7 +86,7 @@ def export_run(
         adapter_config["base_model_name_or_path"] = str(Path(base_location).resolve()) if Path(str(base_location)).exists() else str(base_location)
         (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
 
-    data_manifest = Path(cfg.data or "") / "manifest.json"
+    data_manifest = Path(cfg.data or "") / MANIFEST_NAME
     for name in ("train.jsonl", "val.jsonl"):
         path = Path(cfg.data or "") / name
         if path.exists():
@@ -97,8 +96,9 @@ def export_run(
         "dataset_manifest_sha256": sha256_file(data_manifest) if data_manifest.exists() else None,
         "base_model": base_model_fingerprint(cfg.model, base_location),
     }
-    manifest.outputs = {"model": "model", "kind": "adapter" if is_adapter else "full", "chat_template": "chat_template.jinja",
-                        "metrics": "metrics.jsonl", "tensorboard": "tb", "checkpoints": "checkpoints"}
+    manifest.outputs = {"model": RunDir.MODEL_DIR, "kind": "adapter" if is_adapter else "full",
+                        "chat_template": RunDir.TEMPLATE_FILE, "metrics": RunDir.METRICS_FILE,
+                        "tensorboard": RunDir.TENSORBOARD_DIR, "checkpoints": RunDir.CHECKPOINTS_DIR}
     manifest.counts = {**final, "best_val_loss": best_val_loss}
     manifest.write(run_dir)
     write_model_card(run_dir)  # RUN/model/README.md (replaces the stub peft's save_pretrained writes)

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure  # no pyplot: no global backend, PNG through Agg
+
 from chatforge.train.monitor import read_metrics
 
 
@@ -40,9 +42,6 @@ def write_leaderboard(out: Path, rows: list[dict[str, Any]], counts: dict[str, i
 
 def plot_leaderboard(path: Path, rows: list[dict[str, Any]]) -> None:
     """Left: val loss over steps of every finished trial (best in bold). Right: best val loss per trial, best on top."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, PNG through Agg
-
-
     finished = [row for row in rows if row["state"] == "complete" and row["best_val_loss"] is not None]
     figure = Figure(figsize=(13, max(4.5, 1.5 + 0.3 * len(finished))), layout="constrained")
     curves, bars = figure.subplots(1, 2)

@@ -3,7 +3,7 @@
 Use it like this::
 
     report = train(TrainConfig(data="data/ds", out="runs/r1", method="lora", max_steps=200))
-    report.run_dir / "model"      # AutoModelForCausalLM / PeftModel load it without chatforge
+    RunDir(report.run_dir).model_dir   # AutoModelForCausalLM / PeftModel load it without chatforge
 
 The same command runs on several processes under `torchrun --nproc_per_node N -m chatforge train ...` or
 `accelerate launch` (DDP through accelerate; gloo on CPU). Every process builds the same deterministic batch plan
@@ -21,21 +21,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from transformers import get_scheduler
 
 from chatforge.config import TrainConfig
-from chatforge.device import resolve_device, training_dtype
-from chatforge.manifest import Manifest
-from chatforge.models.tokens import pad_token_id
 from chatforge.core.examples import Example, collate, mask_summary, tokenize_records
 from chatforge.core.loss import CausalLMLoss
+from chatforge.core.records import read_jsonl
+from chatforge.core.rundir import RunDir
+from chatforge.device import resolve_device, training_dtype
+from chatforge.manifest import Manifest
+from chatforge.models.source import load_tokenizer, model_dir
+from chatforge.models.templates import template_token_ids
+from chatforge.models.tokens import pad_token_id
 from chatforge.train.batches import pack_examples, plan_batches
 from chatforge.train.checkpoints import (
+    WEIGHTS,
     latest_checkpoint,
     load_checkpoint,
     load_trainable_state,
     save_best,
     save_checkpoint,
 )
+from chatforge.train.estimate import estimate_run
+from chatforge.train.export import export_run, write_run_files
+from chatforge.train.model import apply_lora, load_training_model
 from chatforge.train.monitor import EarlyStopper, RunMonitor
 
 Log = Callable[[str], None]
@@ -67,8 +77,6 @@ class StepPlan:
 
 
 def read_split(data_dir: Path, name: str, limit: int | None) -> list[dict[str, Any]]:
-    from chatforge.core.records import read_jsonl
-
     path = data_dir / f"{name}.jsonl"
     if not path.exists():
         raise TrainError(f"{path}: missing; is {data_dir} a dataset written by `chatforge prepare`?")
@@ -111,8 +119,6 @@ def make_optimizer(cfg: TrainConfig, parameters: list[torch.nn.Parameter]) -> to
 
 
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
-    from transformers import get_scheduler
-
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.schedule]
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
 
@@ -138,18 +144,11 @@ def evaluate_loss(
 
 def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Log = print) -> TrainReport:
     """Run the train stage; writes RUN/ (model, checkpoints, metrics, tb, manifest). See the module docstring."""
-    from accelerate import Accelerator
-
-    from chatforge.models.source import load_tokenizer, model_dir
-    from chatforge.train.estimate import estimate_run
-    from chatforge.train.export import export_run, write_run_files
-    from chatforge.models.templates import template_token_ids
-    from chatforge.train.model import apply_lora, load_training_model
-
     if not cfg.data or not cfg.out:
         raise TrainError("train needs a dataset (--data or train.data) and a run directory (--out or train.out)")
     data_dir, run_dir = Path(cfg.data), Path(cfg.out)
-    if run_dir.exists() and (run_dir / "checkpoints").exists() and not resume and not dry_run:
+    run = RunDir(run_dir)
+    if run.has_checkpoints() and not resume and not dry_run:
         raise TrainError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -198,7 +197,7 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = run.checkpoints_dir
     state: dict[str, Any] = {"cursor": 0, "best_val_loss": None, "bad_evals": 0, "tokens_seen": 0}
     start_step = 0
     if resume and (latest := latest_checkpoint(checkpoints)) is not None:
@@ -296,8 +295,8 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, log: Lo
                 save_checkpoint(checkpoints, step, model, optimizer, scheduler, state, cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
     monitor.close()
-    if (checkpoints / "best").exists():
-        load_trainable_state(model, checkpoints / "best" / "trainable.safetensors")
+    if run.best_checkpoint.exists():
+        load_trainable_state(model, run.best_checkpoint / WEIGHTS)
     final = {"steps": step, "planned_steps": total_steps, "stopped_by": stopped_by, "tokens_seen": state["tokens_seen"],
              "last_eval_step": last_eval_step}
     if is_main:

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from chatforge.models.source import cache_root
@@ -133,9 +135,6 @@ def low_precision_copy(location: Path | str, dtype: torch.dtype = torch.bfloat16
 def write_low_precision_copy(source: Path, target: Path, dtype: torch.dtype) -> None:
     """Convert every *.safetensors of `source` to `dtype` (float tensors only) and copy its JSON files into `target`,
     through a scratch directory renamed into place, so a half-written copy is never used."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
     for path in sorted(source.glob("*.json")):

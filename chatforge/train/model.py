@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from peft import LoraConfig, get_peft_model
+from torch import nn
 
 from chatforge.config import LoraSettings, TrainConfig
 from chatforge.models.run import load_causal_lm
@@ -57,8 +58,6 @@ def default_lora_targets(model: nn.Module) -> list[str]:
 def apply_lora(model: nn.Module, settings: LoraSettings, token_ids: list[int] | None = None) -> Any:
     """Wrap `model` in a peft LoRA adapter; only the adapter's weights train — plus, given `token_ids`, those rows
     of the (tied) embedding (peft's trainable tokens), e.g. a base model's barely-trained chat-template tokens."""
-    from peft import LoraConfig, get_peft_model
-
     targets = settings.target_modules or default_lora_targets(model)
     extra: dict[str, Any] = {}
     if token_ids:

@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+
+from chatforge.core.rundir import RunDir
 
 
 class EarlyStopper:
@@ -49,7 +52,7 @@ class RunMonitor:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, tensorboard: bool = True) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path = RunDir(run_dir).metrics_file
         self.writer = None
         self.progress = None
         self.t0 = time.perf_counter()
@@ -58,12 +61,12 @@ class RunMonitor:
             return
         self._truncate_metrics(start_step)
         if tensorboard:
+            # lazy: tensorboard is an optional extra (train) and slow to import; tensorboard=False runs without it
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(log_dir=str(RunDir(run_dir).tensorboard_dir),
+                                        purge_step=start_step + 1 if start_step else None)
         if sys.stdout.isatty():
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
             self.progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                                      TextColumn("{task.fields[status]}"), TimeRemainingColumn())
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
@@ -117,5 +120,5 @@ class RunMonitor:
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """metrics.jsonl of a run as a list of dicts."""
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics_file
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -35,16 +35,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import optuna
+from optuna.trial import TrialState
 from pydantic import BaseModel
+from sqlalchemy.engine import make_url
 
 from chatforge.config import ConfigError, TrainConfig, merge_overrides
+from chatforge.core.rundir import RunDir
 from chatforge.manifest import Manifest
 from chatforge.train.leaderboard import describe, write_leaderboard
-
-if TYPE_CHECKING:
-    import optuna
+from chatforge.train.loop import train
 
 Log = Callable[[str], None]
 GridValue = str | int | float | bool
@@ -179,8 +181,6 @@ def sweep(base: TrainConfig, grid: dict[str, list[Any]], out: Path, storage: str
 
 def run_trial(trial: optuna.Trial, base: TrainConfig, grid: dict[str, list[Any]], out: Path, log: Log) -> float:
     """Optuna's objective: train() the grid point GridSampler chose; its best val loss (inf: none) is the value."""
-    from chatforge.train.loop import train
-
     params = {key: decode(values, trial.suggest_categorical(key, [grid_value(v) for v in values]))
               for key, values in grid.items()}
     index = grid_combinations(grid).index(params)
@@ -191,7 +191,7 @@ def run_trial(trial: optuna.Trial, base: TrainConfig, grid: dict[str, list[Any]]
     log(f"trial {index}: {describe(params)} -> {run_dir}")
     try:  # an interrupted trial's rerun continues from its newest checkpoint
         cfg = merge_overrides(base, {**params, "out": str(run_dir)})
-        resume = (run_dir / "checkpoints").is_dir()
+        resume = RunDir(run_dir).has_checkpoints()
         report = train(cfg, resume=resume, log=lambda message: log(f"  trial {index}: {message}"))
     except Exception as exc:
         trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
@@ -207,8 +207,6 @@ def run_trial(trial: optuna.Trial, base: TrainConfig, grid: dict[str, list[Any]]
 @contextmanager
 def optuna_quiet() -> Iterator[None]:
     """Optuna at ERROR level inside optimize(), where it would repeat our failure lines with its own trial numbers."""
-    import optuna
-
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
@@ -223,8 +221,6 @@ def decode(values: list[Any], stored: GridValue) -> Any:
 
 def shown_url(url: str) -> str:
     """The storage URL without its password, for logs, errors and the manifest."""
-    from sqlalchemy.engine import make_url
-
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL: show it, but nothing before an '@'
@@ -233,8 +229,6 @@ def shown_url(url: str) -> str:
 
 def rdb_storage(url: str) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage at `url`, with heartbeats so a trial whose machine died can be told from a running one."""
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; they have been stable since 2.x
@@ -248,8 +242,6 @@ def rdb_storage(url: str) -> optuna.storages.RDBStorage:
 def open_study(storage: optuna.storages.RDBStorage, name: str, grid: dict[str, list[Any]], base: TrainConfig,
                resume: bool) -> optuna.Study:
     """The sweep's study, created on first use; refuses to mix runs of another grid or other base settings."""
-    import optuna
-
     search_space = {key: [grid_value(value) for value in values] for key, values in grid.items()}
     study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
                                 sampler=optuna.samplers.GridSampler(search_space))
@@ -273,9 +265,6 @@ def open_study(storage: optuna.storages.RDBStorage, name: str, grid: dict[str, l
 
 def queue_pending(study: optuna.Study, n_grid: int, attempted_here: set[int]) -> int:
     """Queue a retry of every grid point that failed before this call; count the trials left to run."""
-    import optuna
-    from optuna.trial import TrialState
-
     by_grid: dict[int, list[optuna.trial.FrozenTrial]] = {}
     for trial in study.get_trials(deepcopy=False):
         by_grid.setdefault(trial.system_attrs.get("grid_id", -1), []).append(trial)
@@ -298,9 +287,6 @@ def queue_pending(study: optuna.Study, n_grid: int, attempted_here: set[int]) ->
 
 def fail_interrupted(study: optuna.Study, storage: optuna.storages.RDBStorage, log: Log) -> None:
     """Mark RUNNING trials as failed when their process is gone from this machine or their heartbeat is stale."""
-    import optuna
-    from optuna.trial import TrialState
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
@@ -329,8 +315,6 @@ def process_alive(pid: int) -> bool:
 
 def leaderboard_rows(study: optuna.Study, grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """One row per combination: its finished trial, else its latest attempt; finished ones first, by val loss."""
-    from optuna.trial import TrialState
-
     attempts: dict[str, list[optuna.trial.FrozenTrial]] = {}
     for trial in study.get_trials(deepcopy=False):
         if set(trial.params) == set(grid):
