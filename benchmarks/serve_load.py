@@ -227,7 +227,7 @@ def report(name: str, figures: dict[str, Any]) -> None:
 
 
 def engine_scenario(args: argparse.Namespace, tmp: Path, name: str, max_batch: int) -> dict[str, Any]:
-    server, store = chatforge_server(args, tmp, name, run=args.model, max_batch=max_batch, max_queue=64,
+    server, store = chatforge_server(args, tmp, name, run=args.model, backend="torch", max_batch=max_batch, max_queue=64,
                                      default_max_tokens=args.max_tokens)
     try:
         key = store.create_key("bench", rpm=None, tpm=None)[0]
@@ -242,7 +242,7 @@ def engine_scenario(args: argparse.Namespace, tmp: Path, name: str, max_batch: i
 def overload_scenario(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import httpx
 
-    server, store = chatforge_server(args, tmp, "overload", run=args.model, max_batch=8, max_queue=8,
+    server, store = chatforge_server(args, tmp, "overload", run=args.model, backend="torch", max_batch=8, max_queue=8,
                                      default_max_tokens=args.max_tokens)
     try:
         free = store.create_key("free", rpm=None, tpm=None)[0]

@@ -69,7 +69,7 @@ def llama_cpp_python(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 
 def chatforge(args: argparse.Namespace, tmp: Path, results: dict[str, Any], name: str, max_batch: int) -> None:
-    server, store = chatforge_server(args, tmp, name.replace(" ", "-"), run=args.model, max_batch=max_batch,
+    server, store = chatforge_server(args, tmp, name.replace(" ", "-"), run=args.model, backend="torch", max_batch=max_batch,
                                      max_queue=64, default_max_tokens=args.max_tokens, quantize=args.quantize)
     try:
         measure(name, server.url, store.create_key("bench", rpm=None, tpm=None)[0], args, results)

@@ -94,7 +94,7 @@ class ServeConfig(StrictModel):
     host: str = Field(default="127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
     db: str = Field(default="sqlite:///chatforge.db", description="SQLAlchemy URL: sqlite:///file.db or postgresql://...")
-    backend: Literal["torch", "llamacpp", "llamaserver", "upstream"] = Field(default="torch", description="torch (the in-process engine), llamaserver (llama.cpp's llama-server started by chatforge: the fastest on CPU), llamacpp (llama-cpp-python, one request at a time) or upstream (forward to OpenAI-compatible servers)")
+    backend: Literal["auto", "torch", "llamacpp", "llamaserver", "upstream"] = Field(default="auto", description="auto (llamaserver on a CPU when llama-server is built and the model converts to GGUF, else torch), torch (the in-process engine), llamaserver (llama.cpp's llama-server started by chatforge: the fastest on CPU), llamacpp (llama-cpp-python, one request at a time) or upstream (forward to OpenAI-compatible servers)")
     threads: int | None = Field(default=None, ge=1, description="CPU threads of the engine (torch or llama-server); None = all cores")
     device: DeviceSpec = Field(default="auto", description=f"{DEVICE_HELP} (backend torch)")
     upstream_url: str | None = Field(default=None, description="OpenAI-compatible server (vLLM, llama.cpp) for backend upstream")

@@ -74,7 +74,9 @@ def demo_settings(out: Path, fast: bool, train_minutes: float, max_steps: int) -
         },
         "eval": {"max_examples": 24 if fast else 32, "generation": {"max_new_tokens": 48, "batch_size": 8 if fast else 20},
                  "bias": {"max_new_tokens": 24}},
-        "serve": {"db": f"sqlite:///{(out / 'chatforge.db').resolve()}", "port": 8000},
+        # the tiny fast model is served by the torch engine; the real one by llama.cpp when it is built (auto)
+        "serve": {"db": f"sqlite:///{(out / 'chatforge.db').resolve()}", "port": 8000,
+                  "backend": "torch" if fast else "auto"},
     }
 
 

@@ -144,7 +144,7 @@ def test_serve_passes_device_to_the_torch_backend(device_spy: list[str], two_run
     _, run, _ = two_runs
     served: list[ServeConfig] = []
     monkeypatch.setattr("chatforge.cli.serve.serve_run", lambda run, cfg, **k: served.append(cfg))
-    invoke("serve", run, "--device", ASKED)
+    invoke("serve", run, "--backend", "torch", "--device", ASKED)
     assert served[0].device == ASKED and device_spy == [ASKED]
     backend = make_backend(served[0])
     asyncio.run(backend.start())

@@ -62,13 +62,13 @@ def serve_command(
     """Serve a run behind an OpenAI-compatible API with keys, rate limits, /metrics, feedback and a chat page."""
     try:
         cfg = _serve_config(config, {"run": run, **SERVE_OPTIONS.overrides(options)})
-        if cfg.backend == "torch":
+        if cfg.backend in ("torch", "auto"):
             from chatforge.device import resolve_device  # lazy: torch
 
             resolve_device(cfg.device)  # a device this machine lacks: one line now, not a traceback at startup
     except (ConfigError, ValueError) as exc:
         fail(str(exc))
-    if not cfg.run and cfg.backend == "torch":
+    if not cfg.run and not cfg.gguf and cfg.backend in ("torch", "auto"):
         fail("serve needs a run: chatforge serve RUN (or serve.run in the project file)")
     serve_run(cfg.run or "", cfg)
 
@@ -80,13 +80,16 @@ def serve_run(run: str, cfg: ServeConfig, demo_key: bool = False, check: bool = 
     from chatforge.serve.store import StoreError  # lazy: SQLAlchemy
 
     cfg = cfg.model_copy(update={"run": run})
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the JSON access lines of chatforge.serve.access
     try:
         store = _store(cfg)
         secret = store.create_key(f"demo-{int(time.time())}", scopes=("chat", "feedback", "admin"))[0] if demo_key else None
-        application = create_app(cfg, store)
+        application = create_app(cfg, store)  # backend auto: picks llamaserver or torch here (GGUF export, cached)
     except (StoreError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the JSON access lines of chatforge.serve.access
+    chosen = getattr(application.state.serve.backend, "cfg", cfg).backend
+    console.print(f"backend: {chosen}" + (" (llama.cpp's llama-server, started by chatforge)" if chosen == "llamaserver"
+                                          else ""), highlight=False)
     server = uvicorn.Server(uvicorn_config(application, cfg, host=cfg.host, port=cfg.port))
     base = f"http://{cfg.host}:{cfg.port}"
     if secret:

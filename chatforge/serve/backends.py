@@ -2,7 +2,7 @@
 
 Use it like this::
 
-    backend = make_backend(ServeConfig(run="runs/r1"))            # serve.backend: torch | upstream | llamacpp
+    backend = make_backend(ServeConfig(run="runs/r1"))            # serve.backend: auto | torch | llamaserver | upstream | llamacpp
     await backend.start()                                          # loads the model / reaches the upstream
     job = GenerationInput(messages=[{"role": "user", "content": "hi"}], sampling=SamplingSettings(max_new_tokens=32))
     prompt_tokens = backend.count_tokens(job)                      # before rate limits and the context check
@@ -15,7 +15,9 @@ Every backend raises `Overloaded` / `ServeUnavailable` (HTTP 503) when it cannot
 of them keeps auth, rate limits, metrics, logs and feedback: that is how chatforge scales past one machine (many
 vLLM or llama.cpp servers behind one `upstream` URL).
 
-- `torch` (default): `TorchEngine`, dynamic batching with a KV cache (see engine.py).
+- `auto` (default): `llamaserver` on a CPU when llama.cpp's server is built and the model converts to GGUF, else
+  `torch` (see llamaserver.choose_backend; the reason is logged).
+- `torch`: `TorchEngine`, dynamic batching with a KV cache (see engine.py).
 - `upstream`: forwards to one or more OpenAI-compatible servers (`serve.upstreams`, or `serve.upstream_url`), least
   busy healthy one first, with health checks and failover: see upstream.py.
 - `llamaserver`: llama.cpp's C++ `llama-server` started as a child on loopback (`--parallel max_batch`, continuous
@@ -106,6 +108,10 @@ async def collect(deltas: AsyncIterator[Delta]) -> Completion:
 
 def make_backend(cfg: ServeConfig) -> Backend:
     """The backend `cfg.backend` names, configured from `cfg` (nothing is loaded until `start`)."""
+    if cfg.backend == "auto":
+        from chatforge.serve.llamaserver import choose_backend  # llamaserver.py builds on this module
+
+        cfg = choose_backend(cfg)
     if cfg.backend == "torch":
         if not cfg.run:
             raise ValueError("serve.run is not set: name the run dir (or base model) to serve")

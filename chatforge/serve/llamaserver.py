@@ -23,6 +23,7 @@ loopback port only, its log goes to a file beside the GGUF cache, and it dies wi
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -33,11 +34,14 @@ from pathlib import Path
 import httpx
 
 from chatforge.config import ServeConfig
-from chatforge.models.export import cached_gguf
+from chatforge.device import resolve_device
+from chatforge.models.export import ExportError, cached_gguf
 from chatforge.models.llamacpp_build import llama_server_binary
 from chatforge.models.run import find_run
 from chatforge.models.source import resolve_model_source
 from chatforge.serve.upstream import UpstreamBackend
+
+log = logging.getLogger("chatforge.serve")
 
 START_TIMEOUT_S = 300.0  # loading a GGUF is seconds; a cold page cache on a busy machine can take minutes
 CONTEXT_TOKENS = 8192  # llama-server's unified KV cache, shared by all slots (-c with --kv-unified)
@@ -60,6 +64,40 @@ def gguf_to_serve(cfg: ServeConfig) -> Path:
         raise ValueError(f"serve.run {cfg.run!r} is a {source.kind} model, not a run or a GGUF: export it with "
                          "`chatforge export` or serve it with --backend torch")
     return Path(source.location)
+
+
+def choose_backend(cfg: ServeConfig) -> ServeConfig:
+    """`serve.backend: auto` made concrete: llamaserver on a CPU when llama-server is built and the model is (or
+    converts to) a GGUF; else torch. The export happens here (cached), so a model llama.cpp's converter cannot read
+    falls back to the torch engine with a warning instead of failing to serve."""
+    as_torch = cfg.model_copy(update={"backend": "torch"})
+    reason = _why_not_llamaserver(cfg)
+    if reason is None:
+        try:
+            gguf = gguf_to_serve(cfg)
+        except (ExportError, ValueError, FileNotFoundError, RuntimeError) as exc:
+            reason = f"its GGUF export failed: {str(exc).splitlines()[0]}"
+        else:
+            log.info("serve.backend auto: llamaserver on %s", gguf)
+            return cfg.model_copy(update={"backend": "llamaserver", "gguf": str(gguf)})
+    log.warning("serve.backend auto: the torch engine, because %s", reason)
+    return as_torch
+
+
+def _why_not_llamaserver(cfg: ServeConfig) -> str | None:
+    if not cfg.run and not cfg.gguf:
+        return "no run is named"
+    if cfg.quantize != "none":
+        return f"serve.quantize {cfg.quantize} is a torch-engine option"
+    device = resolve_device(cfg.device)
+    if device.type != "cpu":
+        return f"the device is {device} (llama-server here is a CPU build)"
+    if llama_server_binary() is None:
+        return "llama-server is not built (`make llama-server` builds it)"
+    run = find_run(cfg.run) if cfg.run and not cfg.gguf else None
+    if run is not None and run.kind == "ensemble":
+        return "a probability ensemble is several models"
+    return None
 
 
 def free_loopback_port() -> int:

@@ -27,7 +27,7 @@ def test_feedback_with_a_correction_reaches_the_next_training_set(tmp_path: Path
 
     store = Store(f"sqlite:///{tmp_path / 'chatforge.db'}")
     key = store.create_key("tester", ("chat", "feedback"))[0]
-    cfg = ServeConfig(run=str(run_dir), db=f"sqlite:///{tmp_path / 'chatforge.db'}", default_max_tokens=8)
+    cfg = ServeConfig(backend="torch", run=str(run_dir), db=f"sqlite:///{tmp_path / 'chatforge.db'}", default_max_tokens=8)
     headers = {"Authorization": f"Bearer {key}"}
     with running_server(create_app(cfg, store)) as url:
         answer = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=60, json={

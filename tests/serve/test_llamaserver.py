@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import stat
+from types import SimpleNamespace
 from pathlib import Path
 
 import httpx
@@ -106,3 +107,31 @@ def test_serving_something_that_is_neither_a_run_nor_a_gguf_says_what_to_do(tmp_
         llamaserver.gguf_to_serve(ServeConfig(backend="llamaserver", run=str(hf_dir)))
     with pytest.raises(FileNotFoundError, match="no such GGUF"):
         llamaserver.gguf_to_serve(ServeConfig(backend="llamaserver", gguf=str(tmp_path / "missing.gguf")))
+
+
+def test_auto_serves_a_run_through_llama_server_when_it_is_built(gemma_run: Path, gguf_cache: Path) -> None:  # noqa: F811
+    needs_llama_server()
+    cfg = ServeConfig(run=str(gemma_run), gguf_quant="f32")
+    assert cfg.backend == "auto"
+    chosen = llamaserver.choose_backend(cfg)
+    assert chosen.backend == "llamaserver" and chosen.gguf and chosen.gguf.endswith("-f32.gguf")
+    assert isinstance(make_backend(cfg), LlamaServerBackend)
+
+
+def test_auto_falls_back_to_torch_and_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    run = str(tmp_path / "some-run")
+    monkeypatch.setattr(llamaserver, "llama_server_binary", lambda: None)
+    assert llamaserver.choose_backend(ServeConfig(run=run)).backend == "torch"
+    assert "not built" in caplog.text
+    assert llamaserver.choose_backend(ServeConfig(run=run, quantize="int8")).backend == "torch"
+    assert "torch-engine option" in caplog.text
+
+    def failing_export(*_args: object) -> Path:
+        raise export.ExportError("GGUF conversion of some-run failed: unknown architecture Foo\nmore lines")
+
+    monkeypatch.setattr(llamaserver, "llama_server_binary", lambda: tmp_path / "llama-server")
+    monkeypatch.setattr(llamaserver, "find_run", lambda _run: SimpleNamespace(kind="adapter"))
+    monkeypatch.setattr(llamaserver, "cached_gguf", failing_export)
+    assert llamaserver.choose_backend(ServeConfig(run=run)).backend == "torch"
+    assert "GGUF export failed: GGUF conversion of some-run failed: unknown architecture Foo" in caplog.text
