@@ -22,6 +22,8 @@ stays alive between forward and backward.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 

@@ -12,9 +12,9 @@ from safetensors import safe_open
 from torch import nn
 
 from chatforge.config import LoraSettings, TrainConfig
+from chatforge.core.loss import CausalLMLoss
 from chatforge.models.source import drop_build_tables
 from chatforge.train.lowmem import UpcastLinear, low_precision_copy, store_frozen_base
-from chatforge.core.loss import CausalLMLoss
 from chatforge.train.model import apply_lora, load_base_model, load_training_model, uses_gradient_checkpointing
 from chatforge.train.monitor import read_metrics
 from tests.models.test_run import prepared_dataset, tiny_run
@@ -94,7 +94,7 @@ def test_low_precision_copy_is_written_once_in_bf16(tiny_model_dir: Path, tmp_pa
     assert low_precision_copy(tiny_model_dir, torch.bfloat16) == tiny_model_dir  # small: converted in-process
     copy = Path(low_precision_copy(tiny_model_dir, torch.bfloat16, min_bytes=0))
     with safe_open(str(next(copy.glob("*.safetensors"))), framework="pt") as handle:
-        assert {handle.get_tensor(name).dtype for name in handle.keys()} == {torch.bfloat16}
+        assert {handle.get_tensor(name).dtype for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable) == {torch.bfloat16}
     stamp = (copy / "lowmem.json").stat().st_mtime_ns
     assert Path(low_precision_copy(tiny_model_dir, torch.bfloat16, min_bytes=0)) == copy
     assert (copy / "lowmem.json").stat().st_mtime_ns == stamp
