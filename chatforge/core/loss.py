@@ -169,7 +169,7 @@ def causal_lm_of(model: nn.Module) -> Any:
 
 
 class CausalLMLoss(nn.Module):
-    """Forward = decoder, then the LM head and cross-entropy on trained positions only (see train.loss)."""
+    """Forward = decoder, then the LM head and cross-entropy on trained positions only (see the module docstring)."""
 
     def __init__(self, model: nn.Module, chunk_size: int | None = None) -> None:
         super().__init__()
