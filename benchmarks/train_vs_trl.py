@@ -63,7 +63,7 @@ def run_chatforge(args: argparse.Namespace) -> dict[str, Any]:
                           packing=args.packing, batch_size=args.batch_size, max_steps=args.steps, lr=1e-4,
                           eval_every=10**6, save_every=10**6, log_every=1, threads=args.threads, schedule="constant",
                           base_storage=args.base_storage or TrainConfig().base_storage,
-                          gradient_checkpointing=args.gradient_checkpointing)
+                          gradient_checkpointing={"on": True, "off": False}.get(args.gradient_checkpointing))
         train(cfg, log=lambda _m: None)
         logged = [m for m in read_metrics(Path(tmp) / "run") if "train/seconds_per_step" in m]
         steps = logged[args.warmup :]
@@ -154,7 +154,8 @@ def main() -> None:
     parser.add_argument("--storage", default=None, help="chatforge train.base_storage modes, comma-separated "
                         "(fp32, bf16, fp16; default: the config default)")
     parser.add_argument("--packing-modes", default="off,on", help="which of off,on to run")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="chatforge: recompute activations")
+    parser.add_argument("--gradient-checkpointing", choices=["default", "on", "off"], default="default",
+                        help="chatforge train.gradient_checkpointing (default: the config's, on for LoRA)")
     parser.add_argument("--base-storage", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["chatforge", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--packing", action="store_true", help=argparse.SUPPRESS)
@@ -198,8 +199,8 @@ def main() -> None:
             command += ["--model", args.model] if args.model else []
             command += ["--packing"] if packing else []
             command += ["--base-storage", storage] if storage else []
-            command += ["--gradient-checkpointing"] if args.gradient_checkpointing and child == "chatforge" else []
-            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            command += ["--gradient-checkpointing", args.gradient_checkpointing]
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
             line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 print(f"{name}: FAILED\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")

@@ -228,8 +228,8 @@ class TrainConfig(StrictModel):
     seed: int = Field(default=0, description="seed of initialisation, shuffling and dropout")
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto = bf16 on GPUs that have it")
     device: DeviceSpec = Field(default="auto", description=f"{DEVICE_HELP}; also used by export and ensemble --soup")
-    base_storage: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="LoRA: bf16/fp16 keeps the "
-                                                         "frozen base's weights in 16 bits (-0.5 GiB on Gemma 270M), computed in fp32")
+    base_storage: Literal["fp32", "bf16", "fp16"] = Field(default="bf16", description="LoRA: bf16/fp16 keeps the "
+                                                         "frozen base's weights in 16 bits (-0.5 GiB on Gemma 270M), computed in fp32; fp32 = all fp32")
     eval_every: int = Field(default=50, ge=1, description="steps between validations")
     early_stopping: EarlyStopping = EarlyStopping()
     save_every: int = Field(default=100, ge=1, description="steps between checkpoints")
@@ -238,7 +238,8 @@ class TrainConfig(StrictModel):
     histogram_every: int | None = Field(default=None, ge=1, description="steps between weight/grad histograms; "
                                         "None = about five per run, however short")
     loss_chunk: int | None = Field(default=None, ge=16, description="positions per LM-head chunk; None = ~128 MB of logits")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = Field(default=None, description="recompute each layer's activations in "
+                                                "backward (less memory, one more forward); None = on for LoRA, off for full")
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None = all cores")
     max_minutes: float | None = Field(default=None, gt=0, description="stop training (and export) after this much step time")
 

@@ -53,25 +53,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
-            raw = _head_logits(h, weight).float()
-            if softcap:
-                capped = torch.tanh(raw / softcap)
-                logits = capped * softcap
-            else:
-                logits = raw
-            log_z = torch.logsumexp(logits, dim=-1)
-            loss_sum += (log_z - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            correct += (logits.argmax(dim=-1) == t).sum()
-            if need_hidden_grad or need_weight_grad:
-                grad_logits = torch.softmax(logits, dim=-1)  # d(loss)/d(logits) = softmax - onehot
-                grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                if softcap:
-                    grad_logits *= 1.0 - capped * capped  # d(cap * tanh(x / cap)) / dx
-                grad_logits = grad_logits.to(_compute_dtype(hidden, weight))
+            need_grad = need_hidden_grad or need_weight_grad
+            logits, chunk_loss, chunk_correct = _logits_loss_and_grad(h, weight, t, softcap, need_grad)
+            loss_sum += chunk_loss
+            correct += chunk_correct
+            if need_grad:
+                grad_logits = logits.to(_compute_dtype(hidden, weight))  # the same buffer unless the head computes in 16 bits
+                del logits
                 if grad_hidden is not None:
                     grad_hidden[start : start + chunk_size] = _head_input_grad(grad_logits, weight)
                 if grad_weight is not None:
                     grad_weight += (grad_logits.T @ h).float()
+                del grad_logits
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
         ctx.has_grads = (grad_hidden is not None, grad_weight is not None)
         ctx.weight_dtype = weight.dtype
@@ -87,7 +80,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-UPCAST_ROWS = 32768  # vocabulary rows of a 16-bit LM head up-cast at a time (~80 MB fp32 for a 640-wide head)
+UPCAST_ROWS = 8192  # vocabulary rows of a 16-bit LM head up-cast (or softmaxed) at a time: ~21 MB fp32 for a 640-wide head
 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -103,6 +96,37 @@ def _head_logits(h: Tensor, weight: Tensor) -> Tensor:
     for start in range(0, weight.shape[0], UPCAST_ROWS):
         logits[:, start : start + UPCAST_ROWS] = h @ weight[start : start + UPCAST_ROWS].to(h.dtype).T
     return logits
+
+
+def _logits_loss_and_grad(h: Tensor, weight: Tensor, targets: Tensor, softcap: float,
+                          need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(d loss / d logits, or the logits when `need_grad` is False; loss sum; argmax hits) of one chunk, in ONE
+    vocabulary-sized fp32 buffer: every step works in place, a vocabulary slice at a time where it needs a
+    temporary (the soft-cap path of the straightforward version held four buffers: raw, capped, logits, softmax)."""
+    rows = torch.arange(targets.shape[0], device=targets.device)
+    buffer = _head_logits(h, weight).float()  # raw logits
+    if softcap:
+        buffer.div_(softcap).tanh_()  # c = tanh(raw / cap); logits = cap * c, same argmax
+    scale = softcap or 1.0
+    target_value = buffer[rows, targets]  # c (or the logit) of each target
+    row_max = buffer.amax(dim=-1)
+    correct = (buffer.argmax(dim=-1) == targets).sum()
+    exp_sum = torch.zeros_like(row_max)
+    for lo in range(0, buffer.shape[1], UPCAST_ROWS):
+        exp_sum += ((buffer[:, lo : lo + UPCAST_ROWS] - row_max[:, None]) * scale).exp_().sum(dim=-1)
+    log_z = row_max * scale + exp_sum.log()
+    loss = (log_z - target_value * scale).sum()
+    if not need_grad:
+        return buffer, loss, correct
+    # d loss / d logit = softmax - onehot; with the cap, times d(cap * c) / d raw = 1 - c^2
+    for lo in range(0, buffer.shape[1], UPCAST_ROWS):
+        piece = buffer[:, lo : lo + UPCAST_ROWS]
+        softmax = ((piece - row_max[:, None]) * scale).exp_().div_(exp_sum[:, None])
+        if softcap:
+            softmax.mul_(piece.mul_(piece).neg_().add_(1.0))  # piece becomes 1 - c^2
+        piece.copy_(softmax)
+    buffer[rows, targets] -= (1.0 - target_value * target_value) if softcap else 1.0
+    return buffer, loss, correct
 
 
 def _head_input_grad(grad_logits: Tensor, weight: Tensor) -> Tensor:
@@ -145,7 +169,7 @@ def causal_lm_of(model: nn.Module) -> Any:
 
 
 class CausalLMLoss(nn.Module):
-    """Forward = decoder, then the LM head and cross-entropy on trained positions only (see train.loss)."""
+    """Forward = decoder, then the LM head and cross-entropy on trained positions only (see the module docstring)."""
 
     def __init__(self, model: nn.Module, chunk_size: int | None = None) -> None:
         super().__init__()

@@ -11,7 +11,7 @@ up-casts its weight to the activations' dtype (fp32 on the CPU) only while it co
 backward (`UpcastLinear` saves the 16-bit weight, not an fp32 copy). Norms, biases and the LoRA adapters stay fp32,
 so the optimizer and every activation are fp32 as before; the one difference from an fp32 run is the rounding of
 the frozen weights to bf16. The LM head (tied to the embedding for Gemma) is up-cast a vocabulary slice at a time
-inside the chunked loss (train.loss). On this CPU a bf16 matmul is 10-100x slower than fp32, hence the up-cast.
+inside the chunked loss (core.loss). On this CPU a bf16 matmul is 10-100x slower than fp32, hence the up-cast.
 
 The copy lives in cache_root()/lowmem/ and is written by a child process: converting in the training process would
 touch every fp32 page of the source and put that in its peak memory.
