@@ -24,6 +24,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from chatforge.core.records import read_jsonl
 from chatforge.core.rundir import RunDir
 from chatforge.evaluate.plots import data_uri, loss_curves_png, scores_png
 
@@ -100,22 +101,6 @@ class Report:
     flagged_not_shown: int
 
 
-def read_json_lines(path: Path) -> list[dict[str, Any]]:
-    """The objects of a JSONL file; a bad line raises with its file and line number."""
-    records = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg} at column {error.colno})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
-
-
 def load_eval(eval_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
     """metrics.json and predictions.jsonl of an eval dir (predictions None when the file is absent), checked."""
     metrics_path = eval_dir / RunDir.EVAL_METRICS_FILE
@@ -130,7 +115,7 @@ def load_eval(eval_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]] | No
     predictions_path = eval_dir / "predictions.jsonl"
     if not predictions_path.is_file():
         return info, None
-    predictions = read_json_lines(predictions_path)
+    predictions = list(read_jsonl(predictions_path))
     for line_number, record in enumerate(predictions, start=1):
         where = f"{predictions_path}: record {line_number}"
         if missing := [key for key in ("prompt", "reference", "answer") if key not in record]:
@@ -150,7 +135,7 @@ def read_training_curves(run_dir: Path | None) -> tuple[list[tuple[float, float]
     if not path.is_file():
         return [], [], f"No training curves: {path} not found (ensembles and base models have none)."
     train, val = [], []
-    for line_number, record in enumerate(read_json_lines(path), start=1):
+    for line_number, record in enumerate(read_jsonl(path), start=1):
         if ("train/loss" in record or "val/loss" in record) and not isinstance(record.get("step"), (int, float)):
             raise ValueError(f"{path}: record {line_number}: a loss without a numeric 'step'")
         if "train/loss" in record:
