@@ -23,9 +23,12 @@ loopback port only, its log goes to a file beside the GGUF cache, and it dies wi
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
+import signal
 import socket
+import sys
 import subprocess
 import tempfile
 import time
@@ -45,6 +48,8 @@ log = logging.getLogger("chatforge.serve")
 
 START_TIMEOUT_S = 300.0  # loading a GGUF is seconds; a cold page cache on a busy machine can take minutes
 CONTEXT_TOKENS = 8192  # llama-server's unified KV cache, shared by all slots (-c with --kv-unified)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None  # loaded before any fork
 
 
 def gguf_to_serve(cfg: ServeConfig) -> Path:
@@ -100,6 +105,13 @@ def _why_not_llamaserver(cfg: ServeConfig) -> str | None:
     return None
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: on Linux, SIGTERM when the thread that started it dies, so a gateway killed
+    without closing its backend (kill -9, a crash) leaves no llama-server behind (seen: tests that timed out)."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def free_loopback_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -134,7 +146,7 @@ class LlamaServerBackend(UpstreamBackend):
         log_file = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
         self.log_path = Path(log_file.name)
         self.process = subprocess.Popen(self.command(gguf, binary), stdout=log_file, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
+                                        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         log_file.close()
         await asyncio.to_thread(self._wait_until_healthy)
         try:

@@ -6,7 +6,12 @@ test` builds it)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -135,3 +140,33 @@ def test_auto_falls_back_to_torch_and_says_why(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(llamaserver, "cached_gguf", failing_export)
     assert llamaserver.choose_backend(ServeConfig(run=run)).backend == "torch"
     assert "GGUF export failed: GGUF conversion of some-run failed: unknown architecture Foo" in caplog.text
+
+
+def test_llama_server_dies_with_a_gateway_that_is_killed(tmp_path: Path) -> None:
+    """A gateway killed with SIGKILL (no close) must not leave its llama-server running."""
+    pid_file = tmp_path / "child.pid"
+    fake = tmp_path / "llama-server"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 120\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    script = (f"import asyncio; from pathlib import Path; from chatforge.config import ServeConfig; "
+              f"from chatforge.serve.llamaserver import LlamaServerBackend; "
+              f"asyncio.run(LlamaServerBackend(ServeConfig(backend='llamaserver', gguf='{gguf}'), "
+              f"binary=Path('{fake}')).start())")
+    gateway = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.is_file() or not pid_file.read_text().strip():
+            assert time.monotonic() < deadline and gateway.poll() is None, "the fake llama-server never started"
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        os.kill(gateway.pid, signal.SIGKILL)
+        gateway.wait(10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child}").exists() and "Z" not in Path(f"/proc/{child}/stat").read_text().split()[2]:
+            assert time.monotonic() < deadline, "llama-server outlived its killed gateway"
+            time.sleep(0.1)
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
