@@ -39,7 +39,7 @@ from chatforge.models.llamacpp_build import (
 )
 from chatforge.models.model_card import CARD_FILE
 from chatforge.models.run import find_run, load_run, stop_token_ids
-from chatforge.models.source import cache_root
+from chatforge.models.source import cache_root, resolve_model_source
 
 GGUF_QUANTS = ("f16", "q8_0", "f32")
 
@@ -132,6 +132,25 @@ def cached_gguf(run: Path | str, quant: str = "q8_0") -> Path:
         export_gguf(run, partial, quant=quant)
         partial.replace(out_file)  # a failed or interrupted export never leaves a file that looks done
     return out_file
+
+
+def gguf_to_serve(run: str | None, gguf: str | None, quant: str = "q8_0") -> Path:
+    """The GGUF file llama.cpp serves: `gguf` as it is; else the run exported to GGUF (`cached_gguf`); else the
+    GGUF a model spec names (a packaged model such as smollm2-135m-instruct, or a .gguf path)."""
+    if gguf:
+        path = Path(gguf).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such GGUF file (serve.gguf); make one with chatforge export RUN --gguf")
+        return path
+    if not run:
+        raise ValueError("serving through llama.cpp needs serve.gguf or serve.run")
+    if find_run(run) is not None:
+        return cached_gguf(run, quant)
+    source = resolve_model_source(run)
+    if source.kind != "gguf":
+        raise ValueError(f"serve.run {run!r} is a {source.kind} model, not a run or a GGUF: export it with "
+                         "`chatforge export` or serve it with --backend torch")
+    return Path(source.location)
 
 
 def gguf_chat_template(path: Path) -> str | None:

@@ -7,7 +7,8 @@ Use it like this::
     await backend.start()
     async for delta in backend.stream(job): ...
 
-`chatforge serve RUN --backend llamacpp` exports the run with `chatforge.models.export.cached_gguf` (llama.cpp's
+`chatforge serve RUN --backend llamacpp` finds its GGUF with `chatforge.models.export.gguf_to_serve` (as the
+`llamaserver` backend does: `serve.gguf`, a packaged model's GGUF, or the run exported with llama.cpp's
 converter, `serve.gguf_quant`, q8_0 by default) under ~/.cache/chatforge/gguf/, keyed by the hash of the run's weights and tokenizer, so the
 second start serves at once and a retrained run gets a new file. llama.cpp's context is not shared between
 requests, so this backend answers one request at a time (`InflightLimit(1, max_queue)`); for continuous batching
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.config import ServeConfig
-from chatforge.models.export import cached_gguf
+from chatforge.models.export import gguf_to_serve
 from chatforge.serve.backends import GenerationInput, InflightLimit
 from chatforge.serve.engine import Delta, ServeUnavailable
 
@@ -50,10 +51,8 @@ class LlamaCppBackend:
         except ImportError:
             raise RuntimeError("serve.backend llamacpp needs llama-cpp-python: pip install 'chatforge[llamacpp]' "
                                "(it compiles llama.cpp, ~8 minutes the first time)") from None
-        if self.gguf is None:
-            self.gguf = await asyncio.to_thread(cached_gguf, str(self.cfg.run), self.cfg.gguf_quant)
-        if not self.gguf.is_file():
-            raise FileNotFoundError(f"{self.gguf}: no such GGUF file; make one with chatforge export RUN --gguf")
+        self.gguf = await asyncio.to_thread(gguf_to_serve, self.cfg.run, str(self.gguf) if self.gguf else None,
+                                            self.cfg.gguf_quant)
         self.llm = await asyncio.to_thread(Llama, model_path=str(self.gguf), n_ctx=0, verbose=False)
         self.context_length = int(self.llm.n_ctx())
 

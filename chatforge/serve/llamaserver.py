@@ -38,10 +38,9 @@ import httpx
 
 from chatforge.config import ServeConfig
 from chatforge.device import resolve_device
-from chatforge.models.export import ExportError, cached_gguf
+from chatforge.models.export import ExportError, gguf_to_serve
 from chatforge.models.llamacpp_build import llama_server_binary
 from chatforge.models.run import find_run
-from chatforge.models.source import resolve_model_source
 from chatforge.serve.upstream import UpstreamBackend
 
 log = logging.getLogger("chatforge.serve")
@@ -52,25 +51,6 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None  # loaded before any fork
 
 
-def gguf_to_serve(cfg: ServeConfig) -> Path:
-    """The GGUF file the backend serves: `serve.gguf`; else the run exported to GGUF (cached); else the GGUF a model
-    spec names (a packaged model such as smollm2-135m-instruct, or a .gguf path)."""
-    if cfg.gguf:
-        path = Path(cfg.gguf).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such GGUF file (serve.gguf)")
-        return path
-    if not cfg.run:
-        raise ValueError("serve.backend is llamaserver but neither serve.gguf nor serve.run is set")
-    if find_run(cfg.run) is not None:
-        return cached_gguf(cfg.run, cfg.gguf_quant)
-    source = resolve_model_source(cfg.run)
-    if source.kind != "gguf":
-        raise ValueError(f"serve.run {cfg.run!r} is a {source.kind} model, not a run or a GGUF: export it with "
-                         "`chatforge export` or serve it with --backend torch")
-    return Path(source.location)
-
-
 def choose_backend(cfg: ServeConfig) -> ServeConfig:
     """`serve.backend: auto` made concrete: llamaserver on a CPU when llama-server is built and the model is (or
     converts to) a GGUF; else torch. The export happens here (cached), so a model llama.cpp's converter cannot read
@@ -79,7 +59,7 @@ def choose_backend(cfg: ServeConfig) -> ServeConfig:
     reason = _why_not_llamaserver(cfg)
     if reason is None:
         try:
-            gguf = gguf_to_serve(cfg)
+            gguf = gguf_to_serve(cfg.run, cfg.gguf, cfg.gguf_quant)
         except (ExportError, ValueError, FileNotFoundError, RuntimeError) as exc:
             reason = f"its GGUF export failed: {str(exc).splitlines()[0]}"
         else:
@@ -142,7 +122,7 @@ class LlamaServerBackend(UpstreamBackend):
         if binary is None:
             raise RuntimeError("serve.backend llamaserver needs llama.cpp's llama-server: build it once with "
                                "`make llama-server` (or python -m chatforge.models.llamacpp_build, ~10 min)")
-        gguf = await asyncio.to_thread(gguf_to_serve, self.cfg)
+        gguf = await asyncio.to_thread(gguf_to_serve, self.cfg.run, self.cfg.gguf, self.cfg.gguf_quant)
         log_file = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
         self.log_path = Path(log_file.name)
         self.process = subprocess.Popen(self.command(gguf, binary), stdout=log_file, stderr=subprocess.STDOUT,

@@ -109,9 +109,9 @@ def test_serving_something_that_is_neither_a_run_nor_a_gguf_says_what_to_do(tmp_
     hf_dir.mkdir()
     (hf_dir / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="export it"):
-        llamaserver.gguf_to_serve(ServeConfig(backend="llamaserver", run=str(hf_dir)))
+        export.gguf_to_serve(str(hf_dir), None)
     with pytest.raises(FileNotFoundError, match="no such GGUF"):
-        llamaserver.gguf_to_serve(ServeConfig(backend="llamaserver", gguf=str(tmp_path / "missing.gguf")))
+        export.gguf_to_serve(None, str(tmp_path / "missing.gguf"))
 
 
 def test_auto_serves_a_run_through_llama_server_when_it_is_built(gemma_run: Path, gguf_cache: Path) -> None:  # noqa: F811
@@ -137,7 +137,7 @@ def test_auto_falls_back_to_torch_and_says_why(monkeypatch: pytest.MonkeyPatch, 
 
     monkeypatch.setattr(llamaserver, "llama_server_binary", lambda: tmp_path / "llama-server")
     monkeypatch.setattr(llamaserver, "find_run", lambda _run: SimpleNamespace(kind="adapter"))
-    monkeypatch.setattr(llamaserver, "cached_gguf", failing_export)
+    monkeypatch.setattr(llamaserver, "gguf_to_serve", failing_export)
     assert llamaserver.choose_backend(ServeConfig(run=run)).backend == "torch"
     assert "GGUF export failed: GGUF conversion of some-run failed: unknown architecture Foo" in caplog.text
 
